@@ -1,0 +1,80 @@
+"""What a GGUF holds: architecture, types, tensors, vision settings, tokenizer, template."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from llava_gguf.errors import GGUFFormatError
+from llava_gguf.metadata import ClipKeys, GGUFFields, LlavaKeys
+
+_SUMMARY_KEYS = {
+    "llama": [
+        gguf.Keys.LLM.CONTEXT_LENGTH, gguf.Keys.LLM.EMBEDDING_LENGTH, gguf.Keys.LLM.BLOCK_COUNT,
+        gguf.Keys.LLM.FEED_FORWARD_LENGTH, gguf.Keys.Attention.HEAD_COUNT, gguf.Keys.Attention.HEAD_COUNT_KV,
+        gguf.Keys.Rope.FREQ_BASE, gguf.Keys.Attention.LAYERNORM_RMS_EPS,
+    ],
+    "clip": [
+        gguf.Keys.ClipVision.IMAGE_SIZE, gguf.Keys.ClipVision.PATCH_SIZE, gguf.Keys.ClipVision.EMBEDDING_LENGTH,
+        gguf.Keys.ClipVision.FEED_FORWARD_LENGTH, gguf.Keys.ClipVision.BLOCK_COUNT,
+        gguf.Keys.ClipVision.PROJECTION_DIM, gguf.Keys.ClipVision.Attention.HEAD_COUNT,
+        gguf.Keys.ClipVision.IMAGE_MEAN, gguf.Keys.ClipVision.IMAGE_STD, ClipKeys.FEATURE_LAYER,
+        ClipKeys.IMAGE_GRID_PINPOINTS, ClipKeys.MM_PATCH_MERGE_TYPE, gguf.Keys.Clip.PROJECTOR_TYPE,
+    ],
+}
+
+
+def read_gguf(path: str | Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
+    except FileNotFoundError as e:
+        raise GGUFFormatError(f"{path}: no such file") from e
+    except (ValueError, IndexError, OSError) as e:
+        raise GGUFFormatError(f"{path}: not a readable GGUF file ({e})") from e
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready summary of a GGUF file."""
+    reader = read_gguf(path)
+    fields = GGUFFields(reader)
+    arch = fields.get(gguf.Keys.General.ARCHITECTURE)
+    arch_key = lambda key: key.format(arch=arch)  # noqa: E731
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "architecture": arch,
+        "name": fields.get(gguf.Keys.General.NAME),
+        "file_type": _file_type(fields.get(gguf.Keys.General.FILE_TYPE)),
+        "tensor_count": len(reader.tensors),
+        "tensor_bytes": int(sum(int(t.n_bytes) for t in reader.tensors)),
+        "tensor_types": dict(types.most_common()),
+        "hyperparameters": {
+            arch_key(k): fields.get(arch_key(k)) for k in _SUMMARY_KEYS.get(str(arch), []) if fields.get(arch_key(k)) is not None
+        },
+        "llava_gguf": {k: fields.get(k) for k in fields.keys() if k.startswith("llava_gguf.")},
+    }
+    if arch != "clip":
+        tokens = fields.get(gguf.Keys.Tokenizer.LIST)
+        info["tokenizer"] = {
+            "model": fields.get(gguf.Keys.Tokenizer.MODEL),
+            "tokens": len(tokens) if tokens else 0,
+            "bos_token_id": fields.get(gguf.Keys.Tokenizer.BOS_ID),
+            "eos_token_id": fields.get(gguf.Keys.Tokenizer.EOS_ID),
+            "pad_token_id": fields.get(gguf.Keys.Tokenizer.PAD_ID),
+            "add_bos_token": fields.get(gguf.Keys.Tokenizer.ADD_BOS),
+        }
+        info["template"] = fields.get(LlavaKeys.TEMPLATE)
+        info["chat_template"] = fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    return info
+
+
+def _file_type(value: int | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return gguf.LlamaFileType(value).name.replace("MOSTLY_", "").replace("ALL_", "")
+    except ValueError:
+        return str(value)

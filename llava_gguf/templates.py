@@ -1,0 +1,103 @@
+"""The conversation templates LLaVA models were trained with (LLaVA's ``conv_templates``,
+and the chat template of llava-hf's LLaVA 1.5 repos).
+
+A conversation is a list of `Message`s whose text holds one ``<image>`` placeholder per image.
+`render` gives the prompt text up to the point where the assistant speaks next.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class Template(str, enum.Enum):
+    VICUNA_V1 = "vicuna_v1"  # llava_v1: LLaVA 1.5 and LLaVA 1.6 Vicuna
+    LLAVA_LLAMA_2 = "llava_llama_2"
+    MISTRAL_INSTRUCT = "mistral_instruct"  # LLaVA 1.6 Mistral
+    CHATML_DIRECT = "chatml_direct"  # LLaVA 1.6 34B (Yi)
+    PLAIN = "plain"
+    LLAVA_HF = "llava_hf"  # llava-hf/llava-1.5-*-hf's chat template: "USER: <image>\n... ASSISTANT:"
+
+
+class Role(str, enum.Enum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    text: str
+
+
+DEFAULT_SYSTEM: dict[Template, str] = {
+    Template.VICUNA_V1: (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
+    Template.LLAVA_LLAMA_2: (
+        "You are a helpful language and vision assistant. You are able to understand the visual content "
+        "that the user provides, and assist the user with a variety of tasks using natural language."
+    ),
+    Template.MISTRAL_INSTRUCT: "",
+    Template.CHATML_DIRECT: "Answer the questions.",
+    Template.PLAIN: "",
+    Template.LLAVA_HF: "",
+}
+
+
+def user_text(question: str, n_images: int) -> str:
+    """A user message as LLaVA builds it: one placeholder line per image, then the question."""
+    if IMAGE_PLACEHOLDER in question:
+        return question
+    return f"{IMAGE_PLACEHOLDER}\n" * n_images + question
+
+
+def render(template: Template, messages: list[Message], system: str | None = None) -> str:
+    """The prompt for ``messages`` (alternating user/assistant, starting with user), ending where
+    the assistant's next answer begins."""
+    system = DEFAULT_SYSTEM[template] if system is None else system
+    for i, m in enumerate(messages):
+        expected = Role.USER if i % 2 == 0 else Role.ASSISTANT
+        if m.role is not expected:
+            raise ValueError(f"message {i} should be from {expected.value}, got {m.role.value}")
+    texts = [m.text for m in messages]
+    if template is Template.VICUNA_V1:
+        # SeparatorStyle.TWO, sep=" ", sep2="</s>"
+        out = system + " "
+        for i, text in enumerate(texts):
+            role = "USER" if i % 2 == 0 else "ASSISTANT"
+            out += f"{role}: {text}" + (" " if i % 2 == 0 else "</s>")
+        return out + "ASSISTANT:"
+    if template in (Template.LLAVA_LLAMA_2, Template.MISTRAL_INSTRUCT):
+        # SeparatorStyle.LLAMA_2: sep="<s>" (llama_2) or "" (mistral), sep2="</s>"
+        sep = "<s>" if template is Template.LLAVA_LLAMA_2 else ""
+        out = ""
+        for i, text in enumerate(texts):
+            if i == 0 and system:
+                text = f"<<SYS>>\n{system}\n<</SYS>>\n\n" + text
+            if i % 2 == 0:
+                out += sep + f"[INST] {text} [/INST]"
+            else:
+                out += f" {text} </s>"
+        return out[len(sep) :] if sep and out.startswith(sep) else out
+    if template is Template.CHATML_DIRECT:
+        # SeparatorStyle.MPT, sep="<|im_end|>"
+        out = f"<|im_start|>system\n{system}<|im_end|>"
+        for i, text in enumerate(texts):
+            role = "user" if i % 2 == 0 else "assistant"
+            out += f"<|im_start|>{role}\n{text}<|im_end|>"
+        return out + "<|im_start|>assistant\n"
+    if template is Template.PLAIN:
+        # SeparatorStyle.PLAIN, sep="\n": the user's text and the answers, nothing else
+        return system + "".join(text + "\n" for text in texts)
+    if template is Template.LLAVA_HF:
+        out = system
+        for i, text in enumerate(texts):
+            role = "USER" if i % 2 == 0 else "ASSISTANT"
+            out += f"{role}: {text} "
+        return out + "ASSISTANT:"
+    raise ValueError(f"unknown template {template!r}")
