@@ -29,3 +29,7 @@ class ContextOverflowError(LlavaGGUFError):
 
 class ModelLoadError(LlavaGGUFError):
     """The model files could not be loaded, or do not belong together."""
+
+
+class PromptError(LlavaGGUFError):
+    """The prompt's image placeholders and the images given do not agree."""

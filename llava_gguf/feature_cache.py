@@ -1,0 +1,85 @@
+"""Packed image features, kept so the same image is not encoded twice: in memory for a session,
+and on disk across runs when a directory is given (bounded in size, least recently used first out)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    def __init__(self, directory: Path | None = None, max_bytes: int = 1 << 30, max_memory_items: int = 64) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.max_memory_items = max_memory_items
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return self._memory[key]
+        if self.directory is not None:
+            path = self._path(key)
+            try:
+                features = np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                pass
+            else:
+                os.utime(path)  # recently used
+                self._remember(key, features)
+                self.hits += 1
+                return features
+        self.misses += 1
+        return None
+
+    def put(self, key: str, features: np.ndarray) -> None:
+        self._remember(key, features)
+        if self.directory is None:
+            return
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with tmp.open("wb") as f:
+                np.save(f, features, allow_pickle=False)
+            os.replace(tmp, path)
+            self._evict()
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not write the image feature cache in %s: %s", self.directory, e)
+
+    def _remember(self, key: str, features: np.ndarray) -> None:
+        self._memory[key] = features
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_memory_items:
+            self._memory.popitem(last=False)
+
+    def _evict(self) -> None:
+        assert self.directory is not None
+        entries = []
+        for path in self.directory.glob("*.npy"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size

@@ -1,0 +1,227 @@
+"""A thin layer over llama-cpp-python's low-level API: load the LLM, tokenize, and decode
+token ids and embedding rows (the image features) at explicit positions in one sequence."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+
+from llava_gguf.errors import ContextOverflowError, ModelLoadError
+
+log = logging.getLogger(__name__)
+# llama.cpp's own log goes through this logger; keep it quiet unless asked.
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+class KVCacheType(str, enum.Enum):
+    F32 = "f32"
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+    @property
+    def ggml_type(self) -> int:
+        return int(getattr(llama_cpp, f"GGML_TYPE_{self.name}"))
+
+
+@dataclass(frozen=True)
+class LlamaOptions:
+    """How the language model runs. ``n_ctx=None`` sizes the context to what a request needs."""
+
+    n_ctx: int | None = None
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    kv_cache_type: KVCacheType = KVCacheType.F16
+    flash_attn: bool | None = None  # None: llama.cpp decides (on where supported)
+    use_mmap: bool = True
+    use_mlock: bool = False
+
+
+class LlamaRuntime:
+    """One llama.cpp model with one context holding a single sequence."""
+
+    def __init__(self, path: Path, options: LlamaOptions = LlamaOptions()) -> None:
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file")
+        self.path = path
+        self.options = options
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = options.n_gpu_layers
+        params.use_mmap = options.use_mmap
+        params.use_mlock = options.use_mlock
+        try:
+            self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{path}: llama.cpp could not load the model ({e})") from e
+        self.n_vocab = self.model.n_vocab()
+        self.n_embd = self.model.n_embd()
+        self.n_ctx_train = self.model.n_ctx_train()
+        self._ctx: _internals.LlamaContext | None = None
+        self.n_past = 0
+
+    # ------------------------------------------------------------------ context
+
+    @property
+    def n_ctx(self) -> int:
+        return self._ctx.n_ctx() if self._ctx is not None else 0
+
+    def ensure_context(self, n_needed: int) -> None:
+        """Create (or grow) the context so it holds ``n_needed`` positions."""
+        if n_needed > self.n_ctx_train and self.options.n_ctx is None:
+            raise ContextOverflowError(
+                f"the prompt and answer need {n_needed} tokens but the model's context is {self.n_ctx_train}; "
+                "use fewer or smaller images, a shorter prompt or fewer max tokens"
+            )
+        if self.options.n_ctx is not None:
+            size = self.options.n_ctx
+            if n_needed > size:
+                raise ContextOverflowError(
+                    f"the prompt and answer need {n_needed} tokens but the context holds {size}; "
+                    "raise the context size (-c) or ask for fewer max tokens"
+                )
+        else:
+            size = min(self.n_ctx_train, max(256, -(-n_needed // 256) * 256))
+        if self._ctx is not None and self.n_ctx >= n_needed:
+            return
+        if self._ctx is not None:
+            log.info("growing the context from %d to %d tokens; the cache restarts", self.n_ctx, size)
+            self._ctx.close()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = size
+        params.n_batch = min(self.options.n_batch, size)
+        params.n_ubatch = min(self.options.n_batch, size)
+        threads = self.options.n_threads or os.cpu_count() or 2
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = self.options.kv_cache_type.ggml_type
+        params.type_v = self.options.kv_cache_type.ggml_type
+        params.flash_attn_type = {
+            None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[self.options.flash_attn]
+        try:
+            self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"llama.cpp could not create a {size}-token context ({e})") from e
+        self.n_past = 0
+
+    def truncate(self, n_keep: int) -> None:
+        """Forget every position from ``n_keep`` on."""
+        if self._ctx is None or n_keep >= self.n_past:
+            return
+        memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        llama_cpp.llama_memory_seq_rm(memory, 0, n_keep, -1)
+        self.n_past = n_keep
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        if not text:
+            return [self.model.token_bos()] if add_bos else []
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens rendered as text)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    @property
+    def add_bos(self) -> bool:
+        return self.model.add_bos_token()
+
+    @property
+    def bos(self) -> int:
+        return self.model.token_bos()
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
+
+    # ------------------------------------------------------------------ decoding
+
+    def _require_room(self, n: int) -> None:
+        if self._ctx is None:
+            raise RuntimeError("ensure_context() first")
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"the conversation needs {self.n_past + n} tokens but the context holds {self.n_ctx}; "
+                "start over (/clear) or raise the context size"
+            )
+
+    def decode_tokens(self, tokens: list[int]) -> None:
+        """Append ``tokens``; the logits of the last one become available."""
+        self._require_room(len(tokens))
+        n_batch = self.options.n_batch
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
+            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+            try:
+                for i, token in enumerate(chunk):
+                    batch.token[i] = token
+                    self._set_position(batch, i, self.n_past + i, last=start + i == len(tokens) - 1)
+                batch.n_tokens = len(chunk)
+                self._decode(batch)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            self.n_past += len(chunk)
+
+    def decode_embeddings(self, embeddings: np.ndarray) -> None:
+        """Append rows of input embeddings ``[n, n_embd]`` (image features) as positions."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.n_embd:
+            raise ModelLoadError(
+                f"image features have width {embeddings.shape[-1]} but the LLM's embeddings have {self.n_embd}: "
+                "the mmproj does not belong to this LLM"
+            )
+        self._require_room(len(embeddings))
+        data = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n_batch = self.options.n_batch
+        for start in range(0, len(data), n_batch):
+            chunk = data[start : start + n_batch]
+            batch = llama_cpp.llama_batch_init(len(chunk), self.n_embd, 1)
+            try:
+                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+                for i in range(len(chunk)):
+                    self._set_position(batch, i, self.n_past + i, last=start + i == len(data) - 1)
+                batch.n_tokens = len(chunk)
+                self._decode(batch)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+            self.n_past += len(chunk)
+
+    @staticmethod
+    def _set_position(batch: llama_cpp.llama_batch, i: int, pos: int, *, last: bool) -> None:
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = last
+
+    def _decode(self, batch: llama_cpp.llama_batch) -> None:
+        assert self._ctx is not None
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            raise ContextOverflowError(f"llama.cpp could not decode the batch (status {status}); the context may be full")
+
+    def last_logits(self) -> np.ndarray:
+        """Logits ``[n_vocab]`` after the last decoded position."""
+        assert self._ctx is not None
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        self.model.close()

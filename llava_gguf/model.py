@@ -1,0 +1,324 @@
+"""The public runtime: a converted GGUF pair, images in, the reference model's answers out.
+
+    model = LlavaModel.load("models/")                  # or LlavaModel(llm_path, mmproj_path)
+    for piece in model.ask("What is in this image?", images=["cat.jpg"]):
+        print(piece, end="")
+    chat = model.chat()
+    chat.send("Describe it.", images=["cat.jpg"])          # an iterator of text pieces
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llava_gguf.errors import GGUFFormatError, ModelLoadError, PromptError
+from llava_gguf.feature_cache import FeatureCache
+from llava_gguf.image import ImageSource, image_digest, load_image
+from llava_gguf.info import read_gguf
+from llava_gguf.llama import LlamaOptions, LlamaRuntime
+from llava_gguf.metadata import LlavaKeys, TokenizeMode, VisionSettings
+from llava_gguf.packing import count_image_tokens, pack_image_features
+from llava_gguf.preprocess import preprocess
+from llava_gguf.sampling import Sampler, SamplingOptions
+from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
+from llava_gguf.templates import Message, Role, Template, render, user_text
+from llava_gguf.vision import NumpyVisionEncoder
+
+log = logging.getLogger(__name__)
+
+TileCallback = Callable[[int, int], None]
+
+
+class EncoderChoice(str, enum.Enum):
+    AUTO = "auto"  # libmtmd when it computes the reference result, else numpy
+    NUMPY = "numpy"
+    MTMD = "mtmd"  # forced, even where it differs from the reference
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    llama: LlamaOptions = LlamaOptions()
+    encoder: EncoderChoice = EncoderChoice.AUTO
+    cache_dir: Path | None = None
+    cache_max_bytes: int = 1 << 30
+    template: Template | None = None  # None: the one the GGUF names
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    sampling: SamplingOptions = SamplingOptions()
+
+
+@dataclass
+class Timings:
+    vision_encode_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    n_prompt_tokens: int = 0
+    n_prefilled: int = 0  # positions actually decoded for the prompt (the rest came from the cache)
+    n_generated: int = 0
+    n_image_tokens: list[int] = field(default_factory=list)
+    n_images_encoded: int = 0
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    slot: ImageSlot
+    size_hw: tuple[int, int]
+
+
+def find_gguf_pair(directory: Path) -> tuple[Path, Path]:
+    """The LLM and mmproj GGUFs in a directory (one of each)."""
+    files = sorted(directory.glob("*.gguf"))
+    mmproj = [f for f in files if "mmproj" in f.name]
+    llm = [f for f in files if f not in mmproj]
+    if len(llm) != 1 or len(mmproj) != 1:
+        raise ModelLoadError(
+            f"{directory}: expected one LLM GGUF and one mmproj GGUF, found {len(llm)} and {len(mmproj)}; "
+            "pass --llm and --mmproj"
+        )
+    return llm[0], mmproj[0]
+
+
+class LlavaModel:
+    """A LLaVA model from an LLM GGUF and an mmproj GGUF written by `llava-gguf convert`."""
+
+    def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+        self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
+        self.options = options
+        reader = read_gguf(self.mmproj_path)
+        self.settings = VisionSettings.read(reader)
+        del reader
+        self.runtime = LlamaRuntime(self.llm_path, options.llama)
+        meta = self.runtime.model.metadata()
+        if LlavaKeys.TEMPLATE not in meta:
+            raise GGUFFormatError(f"{self.llm_path}: not written by llava-gguf's converter (no {LlavaKeys.TEMPLATE})")
+        self.template = options.template or Template(meta[LlavaKeys.TEMPLATE])
+        self.tokenize_mode = TokenizeMode(meta.get(LlavaKeys.TOKENIZE_MODE, TokenizeMode.WHOLE.value))
+        token = meta.get(LlavaKeys.IMAGE_TOKEN_ID)
+        self.image_token_id = int(token) if token is not None else None
+        self.encoder = self._make_encoder()
+        if self.encoder.llm_hidden_size != self.runtime.n_embd:
+            raise ModelLoadError(
+                f"{self.mmproj_path.name} projects images to width {self.encoder.llm_hidden_size} but "
+                f"{self.llm_path.name} has width {self.runtime.n_embd}: the two files do not belong together"
+            )
+        self.cache = FeatureCache(options.cache_dir, options.cache_max_bytes)
+        stat = self.mmproj_path.stat()
+        self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}"
+        self._cached: list[Item] = []  # what the KV cache holds, in order
+        self._features: dict[str, np.ndarray] = {}
+        self.timings = Timings()
+
+    @classmethod
+    def load(cls, directory: str | Path, options: RuntimeOptions = RuntimeOptions()) -> LlavaModel:
+        llm, mmproj = find_gguf_pair(Path(directory))
+        return cls(llm, mmproj, options)
+
+    def _make_encoder(self) -> NumpyVisionEncoder:
+        self.encoder_name = "numpy"
+        return NumpyVisionEncoder.from_gguf(self.mmproj_path)
+
+    # ------------------------------------------------------------------ images
+
+    def prepare_image(self, source: ImageSource, on_tile: TileCallback | None = None) -> PreparedImage:
+        """Load, preprocess, encode and pack an image (or find it in the cache)."""
+        image = load_image(source, composite_alpha=self.settings.layout != "original")
+        key = hashlib.sha256(f"{self._model_key}:{image_digest(image, self.settings)}".encode()).hexdigest()[:32]
+        size_hw = (image.height, image.width)
+        features = self._features.get(key)
+        if features is None:
+            features = self.cache.get(key)
+        if features is None:
+            features = self._encode(image, on_tile)
+            self.cache.put(key, features)
+            self.timings.n_images_encoded += 1
+        self._features[key] = features
+        return PreparedImage(ImageSlot(key, len(features)), size_hw)
+
+    def _encode(self, image: object, on_tile: TileCallback | None) -> np.ndarray:
+        start = time.perf_counter()
+        tiles, size_hw = preprocess(image, self.settings)  # type: ignore[arg-type]
+        features = self.encoder.encode(tiles, on_tile)  # [n_tiles, n_patches, d]
+        if self.settings.image_mode.value == "anyres":
+            newline = self.encoder.image_newline
+            if newline is None:
+                raise GGUFFormatError(f"{self.mmproj_path}: LLaVA 1.6 mmproj without v.image_newline")
+            packed = pack_image_features(features, size_hw, self.settings, newline)
+        else:
+            packed = features[0]
+        expected = count_image_tokens(size_hw, self.settings)
+        if len(packed) != expected:
+            raise GGUFFormatError(f"packed {len(packed)} image features but the reference uses {expected}")
+        self.timings.vision_encode_s += time.perf_counter() - start
+        return packed
+
+    def image_features(self, source: ImageSource) -> np.ndarray:
+        """The packed features ``[n_image_tokens, llm_hidden]`` the LLM receives for an image."""
+        return self._features[self.prepare_image(source).slot.key]
+
+    def count_image_tokens(self, source: ImageSource) -> int:
+        image = load_image(source)
+        return count_image_tokens((image.height, image.width), self.settings)
+
+    # ------------------------------------------------------------------ prompts
+
+    def render(self, messages: list[Message], system: str | None = None) -> str:
+        return render(self.template, messages, system)
+
+    def sequence(self, prompt: str, images: Sequence[PreparedImage]) -> list[Item]:
+        return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id)
+
+    def prefill(self, items: list[Item], reserve: int = 0) -> None:
+        """Make the KV cache hold exactly ``items``, reusing the longest cached prefix."""
+        needed = sequence_length(items) + reserve
+        before = self.runtime.n_ctx
+        self.runtime.ensure_context(needed)
+        if self.runtime.n_ctx != before or self.runtime.n_past == 0:
+            self._cached = []
+        keep = common_prefix(self._cached, items)
+        if keep == len(items):  # logits of the last position are needed again
+            keep -= 1
+        self.runtime.truncate(sequence_length(items[:keep]))
+        self._cached = items[:keep]
+        start = time.perf_counter()
+        pending: list[int] = []
+        for item in items[keep:]:
+            if isinstance(item, ImageSlot):
+                if pending:
+                    self.runtime.decode_tokens(pending)
+                    pending = []
+                self.runtime.decode_embeddings(self._features[item.key])
+            else:
+                pending.append(item)
+            self._cached.append(item)
+        if pending:
+            self.runtime.decode_tokens(pending)
+        self.timings.prefill_s += time.perf_counter() - start
+        self.timings.n_prompt_tokens = sequence_length(items)
+        self.timings.n_prefilled = sequence_length(items[keep:])
+
+    def prompt_logits(self, prompt: str, images: Sequence[ImageSource] = ()) -> np.ndarray:
+        """Final-position logits ``[n_vocab]`` of a raw prompt with one ``<image>`` per image."""
+        prepared = [self.prepare_image(i) for i in images]
+        self.prefill(self.sequence(prompt, prepared))
+        return self.runtime.last_logits()
+
+    def generate(self, items: list[Item], options: GenerationOptions = GenerationOptions()) -> Iterator[int]:
+        """Prefill ``items`` and yield generated token ids until EOS, ``max_tokens`` or a stop."""
+        self.prefill(items, reserve=options.max_tokens)
+        sampler = Sampler(options.sampling)
+        history = [i for i in items if isinstance(i, int)]
+        start = time.perf_counter()
+        self.timings.n_generated = 0
+        try:
+            for _ in range(options.max_tokens):
+                token = sampler.sample(self.runtime.last_logits(), history)
+                if self.runtime.is_end_of_generation(token):
+                    break
+                yield token
+                history.append(token)
+                self.runtime.decode_tokens([token])
+                self._cached.append(token)
+                self.timings.n_generated += 1
+        finally:
+            self.timings.decode_s += time.perf_counter() - start
+
+    def stream_text(self, items: list[Item], options: GenerationOptions = GenerationOptions(),
+                    tokens_out: list[int] | None = None) -> Iterator[str]:
+        """Generated text, piece by piece, whole UTF-8 characters only, cut before any stop string."""
+        pending = b""
+        text = ""
+        emitted = 0
+        longest_stop = max((len(s) for s in options.stop), default=0)
+        for token in self.generate(items, options):
+            if tokens_out is not None:
+                tokens_out.append(token)
+            pending += self.runtime.token_bytes(token)
+            try:
+                text += pending.decode("utf-8")
+                pending = b""
+            except UnicodeDecodeError:
+                continue
+            for stop in options.stop:
+                cut = text.find(stop, max(0, emitted - len(stop)))
+                if cut >= 0:
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    return
+            safe = len(text) - max(0, longest_stop - 1)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    # ------------------------------------------------------------------ conversation
+
+    def chat(self, system: str | None = None) -> Chat:
+        return Chat(self, system)
+
+    def ask(self, question: str, images: Sequence[ImageSource] = (), options: GenerationOptions = GenerationOptions(),
+            on_tile: TileCallback | None = None) -> Iterator[str]:
+        """Stream the answer to one question about ``images`` (a fresh conversation)."""
+        return self.chat().send(question, images, options, on_tile)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+class Chat:
+    """A multi-turn conversation whose earlier turns stay in the KV cache."""
+
+    def __init__(self, model: LlavaModel, system: str | None = None) -> None:
+        self.model = model
+        self.system = system
+        self.messages: list[Message] = []
+        self.images: list[PreparedImage] = []
+        self.last_prompt = ""
+        self.last_items: list[Item] = []
+        self.last_tokens: list[int] = []
+
+    def clear(self) -> None:
+        self.messages, self.images = [], []
+
+    def send(self, text: str, images: Sequence[ImageSource] = (), options: GenerationOptions = GenerationOptions(),
+             on_tile: TileCallback | None = None, raw: bool = False) -> Iterator[str]:
+        """Add a user message (with its images) and stream the assistant's answer.
+
+        The answer joins the history when the stream ends, also when it is stopped early.
+        """
+        model = self.model
+        model.timings = Timings()
+        prepared = [model.prepare_image(i, on_tile) for i in images]
+        if raw:
+            prompt = text
+            all_images = prepared
+        else:
+            if prepared and "<image>" in text:
+                raise PromptError("put the question alone: the images are placed before it (or use raw mode)")
+            message = Message(Role.USER, user_text(text, len(prepared)))
+            prompt = model.render([*self.messages, message], self.system)
+            all_images = [*self.images, *prepared]
+        items = model.sequence(prompt, all_images)
+        model.timings.n_image_tokens = [p.slot.n_tokens for p in prepared]
+        self.last_prompt, self.last_items, self.last_tokens = prompt, items, []
+        answer: list[str] = []
+        try:
+            for piece in model.stream_text(items, options, self.last_tokens):
+                answer.append(piece)
+                yield piece
+        finally:
+            if not raw:
+                self.messages += [message, Message(Role.ASSISTANT, "".join(answer).strip())]
+                self.images = all_images

@@ -1,0 +1,670 @@
+"""Tiny random LLaVA 1.5 / 1.6 checkpoints, built at test time.
+
+Every checkpoint comes with its reference: a float32 transformers model holding
+exactly the weights written to disk, the transformers tokenizer and the Pillow
+image processor configured like the checkpoint. Two layouts are written:
+
+- ``llava-hf``: the llava-hf Hub repos (``LlavaForConditionalGeneration`` /
+  ``LlavaNextForConditionalGeneration``), with the transformers-4 key spelling
+  (``spelling=4``, what the Hub repos hold) or the transformers-5 one (``spelling=5``).
+- ``original``: the liuhaotian repos (``LlavaLlamaForCausalLM`` /
+  ``LlavaMistralForCausalLM``) plus a separate CLIP repo named by ``mm_vision_tower``.
+
+Nothing is downloaded: the SentencePiece tokenizer is trained on generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    AddedToken,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    MistralConfig,
+)
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+SP_VOCAB_SIZE = 480
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+# LLaVA 1.6 pinpoints are multiples of the 336 px tile; these are the same multiples of 56 px.
+GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+LAYOUTS = ("llava-hf", "original")
+VERSIONS = ("1.5", "1.6")
+LLMS = ("llama", "mistral")
+TOKENIZER_FILES = ("both", "json", "model")
+
+
+@dataclass
+class TinyCheckpoint:
+    path: Path  # the checkpoint directory given to the converter
+    clip_path: Path | None  # separate CLIP repo dir named by mm_vision_tower (original layout only)
+    layout: str  # "llava-hf" | "original"
+    llava_version: str  # "1.5" | "1.6"
+    llm: str  # "llama" | "mistral"
+    model: torch.nn.Module  # transformers reference, float32, eval()
+    tokenizer: Any  # the transformers tokenizer the reference uses
+    sp_model_path: Path  # the trained sentencepiece .model
+    image_processor: Any  # Pillow reference processor configured like the checkpoint
+    image_token_id: int | None  # llava-hf: id of "<image>"; original: None (it uses -200 placeholders)
+
+    @property
+    def placeholder_id(self) -> int:
+        """Id to put where the image goes when calling the reference ``model``.
+
+        llava-hf: the ``<image>`` token. original: the reference model has no such
+        token, so its ``image_token_id`` is ``<unk>`` (0), which byte-fallback
+        tokenization never produces; replace each -200 with it.
+        """
+        return int(self.model.config.image_token_id)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+_WORDS = [
+    "the", "a", "an", "image", "picture", "photo", "cat", "dog", "shows", "what", "is", "in",
+    "this", "of", "and", "with", "on", "describe", "color", "red", "blue", "green", "USER",
+    "ASSISTANT", "Question", "Answer", "café", "naïve", "résumé", "über", "Москва", "日本語",
+    "東京", "😀", "🚀", "👍", "—", "…",
+]
+_SYLLABLES = [
+    "ka", "to", "ri", "men", "sa", "lo", "ver", "the", "an", "in", "ing", "er", "ed", "st", "pl",
+    "qu", "ch", "sh", "ou", "ea", "ai", "or", "ly", "ion", "ent", "al", "re", "de", "un", "co",
+]
+_PUNCTUATION = [",", ".", "!", "?", ":", ";", "(", ")", '"', "'", "-", "<", ">", "/"]
+
+
+def training_text(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    """Deterministic English-like lines: words, numbers, punctuation, Unicode, whitespace runs."""
+    rng = random.Random(seed)
+    words = list(_WORDS)
+    for _ in range(300):
+        words.append("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))))
+    lines = []
+    for _ in range(n_lines):
+        parts = []
+        for _ in range(rng.randint(3, 14)):
+            r = rng.random()
+            if r < 0.1:
+                parts.append(str(rng.randint(0, 99999)))
+            elif r < 0.18:
+                parts.append(rng.choice(_PUNCTUATION))
+            else:
+                word = rng.choice(words)
+                parts.append(word.capitalize() if rng.random() < 0.15 else word)
+        sep = rng.choice([" "] * 8 + ["  ", "\t", "\n"])
+        lines.append(sep.join(parts))
+    return lines
+
+
+def train_tokenizer(root: Path) -> Path:
+    """Train a LLaMA-style SentencePiece BPE model under ``root``; returns the .model path."""
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = root / "tokenizer"
+    model_path = prefix.with_suffix(".model")
+    if model_path.exists():
+        return model_path
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_text()),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=SP_VOCAB_SIZE,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model_path
+
+
+def reference_tokenizer(sp_model_path: Path, *, with_image_token: bool) -> TokenizersBackend:
+    """The transformers tokenizer that gives sentencepiece's ids (with BOS).
+
+    transformers 5 has no slow tokenizer: ``LlamaTokenizer`` is tokenizers-backed and
+    rebuilds a Metaspace pre-tokenizer that drops a space on leading-whitespace input.
+    The generic ``TokenizersBackend`` built from the .model proto matches sentencepiece.
+    """
+    tmp = sp_model_path.parent / "_reference_tokenizer"
+    tmp.mkdir(exist_ok=True)
+    shutil.copyfile(sp_model_path, tmp / "tokenizer.model")
+    tok = TokenizersBackend.from_pretrained(str(tmp), add_bos_token=True, add_eos_token=False)
+    if with_image_token:
+        tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
+        assert tok.convert_tokens_to_ids([IMAGE_TOKEN, PAD_TOKEN]) == [SP_VOCAB_SIZE, SP_VOCAB_SIZE + 1]
+    return tok
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+
+
+def llama_tokenizer_json(tokenizer: TokenizersBackend) -> dict[str, Any]:
+    """tokenizer.json in the form the Hub LLaMA repos hold (transformers-4 LlamaConverter)."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    data["model"]["merges"] = merges
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+    ]}
+    data["pre_tokenizer"] = None
+    data["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ]}
+    return data
+
+
+def write_tokenizer_files(
+    dest: Path, tokenizer: TokenizersBackend, sp_model_path: Path, *, files: str, llava_hf: bool,
+    model_max_length: int,
+) -> None:
+    if files not in TOKENIZER_FILES:
+        raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {files!r}")
+    if files in ("both", "model"):
+        shutil.copyfile(sp_model_path, dest / "tokenizer.model")
+    if files in ("both", "json"):
+        _write_json(dest / "tokenizer.json", llama_tokenizer_json(tokenizer))
+    decoder = {str(i): _added_token(t) for i, t in enumerate(["<unk>", "<s>", "</s>"])}
+    if llava_hf:
+        decoder[str(SP_VOCAB_SIZE)] = _added_token(IMAGE_TOKEN)
+        decoder[str(SP_VOCAB_SIZE + 1)] = _added_token(PAD_TOKEN)
+    config: dict[str, Any] = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": False,
+        "model_max_length": model_max_length,
+        "pad_token": PAD_TOKEN if llava_hf else None,
+        "padding_side": "left" if llava_hf else "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    }
+    if llava_hf:
+        config["processor_class"] = "LlavaProcessor"
+    _write_json(dest / "tokenizer_config.json", config)
+    _write_json(dest / "special_tokens_map.json", {
+        "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": PAD_TOKEN if llava_hf else "<unk>", "unk_token": "<unk>",
+    })
+
+
+# ---------------------------------------------------------------- models
+
+
+def vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64, layer_norm_eps=1e-5,
+        hidden_act="quick_gelu",
+    )
+
+
+def text_config(llm: str, vocab_size: int, pad_token_id: int | None) -> LlamaConfig | MistralConfig:
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id,
+    )
+    if llm == "llama":
+        return LlamaConfig(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, **common)
+    if llm == "mistral":
+        return MistralConfig(num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e6,
+                             sliding_window=None, **common)
+    raise ValueError(f"llm must be one of {LLMS}, got {llm!r}")
+
+
+def build_reference(llava_version: str, llm: str, *, vocab_size: int, image_token_id: int,
+                    pad_token_id: int | None) -> torch.nn.Module:
+    text = text_config(llm, vocab_size, pad_token_id)
+    common = dict(
+        vision_config=vision_config(), text_config=text, image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+    )
+    if llava_version == "1.5":
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+    elif llava_version == "1.6":
+        model = LlavaNextForConditionalGeneration(
+            LlavaNextConfig(image_grid_pinpoints=GRID_PINPOINTS, **common))
+    else:
+        raise ValueError(f"llava_version must be one of {VERSIONS}, got {llava_version!r}")
+    return model.float().eval()
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Redraw every parameter so logits are well separated (default init gives near-ties)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(p: torch.Tensor, mean: float, std: float) -> None:
+        p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
+
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        leaf = name.rsplit(".", 1)[-1]
+        if "norm" in name.lower() and leaf in ("weight", "bias"):
+            # LayerNorm / RMSNorm (CLIP spells pre_layrnorm)
+            normal(p, 1.0 if leaf == "weight" else 0.0, 0.1 if leaf == "weight" else 0.05)
+        elif leaf in ("class_embedding", "image_newline"):
+            normal(p, 0.0, 1.0)
+        elif "position_embedding" in name:
+            normal(p, 0.0, 0.5)
+        elif "embed_tokens" in name or "token_embedding" in name:
+            normal(p, 0.0, 1.0)
+        elif leaf == "logit_scale":
+            p.fill_(2.6592)
+        elif p.ndim == 1:
+            normal(p, 0.0, 0.02)
+        else:
+            # Linear [out, in] / Conv2d [out, in, kh, kw]: std = gain / sqrt(fan_in)
+            fan_in = p[0].numel()
+            gain = 4.0 if "lm_head" in name else 1.3
+            normal(p, 0.0, gain / fan_in**0.5)
+
+
+@torch.no_grad()
+def round_trip_(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    for p in module.parameters():
+        p.copy_(p.to(dtype).to(torch.float32))
+
+
+def _tower_key(key: str) -> str:
+    """In-memory CLIP vision tower key -> its ``vision_model.*`` name in CLIP checkpoints."""
+    return key if key.startswith("vision_model.") else f"vision_model.{key}"
+
+
+def split_state_dict(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Reference state dict grouped as llm / lm_head / tower / projector / newline, short keys."""
+    groups: dict[str, dict[str, torch.Tensor]] = {
+        "llm": {}, "lm_head": {}, "tower": {}, "projector": {}, "newline": {}}
+    prefixes = [("model.language_model.", "llm"), ("model.vision_tower.", "tower"),
+                ("model.multi_modal_projector.", "projector"), ("lm_head.", "lm_head"),
+                ("model.image_newline", "newline")]
+    for key, value in model.state_dict().items():
+        for prefix, group in prefixes:
+            if key.startswith(prefix):
+                short = key[len(prefix):] or "image_newline"
+                if group == "tower":
+                    short = _tower_key(short)
+                groups[group][short] = value.detach().clone().contiguous()
+                break
+        else:
+            raise KeyError(f"unexpected reference key {key}")
+    return groups
+
+
+def hf_tensors(model: torch.nn.Module, spelling: int) -> dict[str, torch.Tensor]:
+    """llava-hf keys. 4: ``language_model.model.*`` (the Hub repos); 5: ``model.language_model.*``."""
+    g = split_state_dict(model)
+    if spelling == 4:
+        llm, head, tower, proj, newline = (
+            "language_model.model.", "language_model.lm_head.", "vision_tower.",
+            "multi_modal_projector.", "")
+    elif spelling == 5:
+        llm, head, tower, proj, newline = (
+            "model.language_model.", "lm_head.", "model.vision_tower.",
+            "model.multi_modal_projector.", "model.")
+    else:
+        raise ValueError(f"spelling must be 4 or 5, got {spelling!r}")
+    out: dict[str, torch.Tensor] = {}
+    out.update({llm + k: v for k, v in g["llm"].items()})
+    out.update({head + k: v for k, v in g["lm_head"].items()})
+    out.update({tower + k: v for k, v in g["tower"].items()})
+    out.update({proj + k: v for k, v in g["projector"].items()})
+    out.update({newline + k: v for k, v in g["newline"].items()})
+    return out
+
+
+_PROJECTOR_ORIGINAL = {"linear_1": "0", "linear_2": "2"}  # mlp2x_gelu: Linear, GELU, Linear
+
+
+def original_tensors(model: torch.nn.Module, llava_version: str) -> dict[str, torch.Tensor]:
+    """liuhaotian keys: ``model.*`` LLM, ``model.mm_projector.{0,2}.*``, 1.6 tower and newline."""
+    g = split_state_dict(model)
+    out: dict[str, torch.Tensor] = {}
+    out.update({f"model.{k}": v for k, v in g["llm"].items()})
+    out.update({f"lm_head.{k}": v for k, v in g["lm_head"].items()})
+    for k, v in g["projector"].items():
+        layer, leaf = k.split(".", 1)
+        out[f"model.mm_projector.{_PROJECTOR_ORIGINAL[layer]}.{leaf}"] = v
+    if llava_version == "1.6":
+        out.update({f"model.vision_tower.vision_tower.{k}": v for k, v in g["tower"].items()})
+        out["model.image_newline"] = g["newline"]["image_newline"]
+    return out
+
+
+def _parse_size(size: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", size.upper())
+    if m is None:
+        raise ValueError(f"cannot parse max_shard_size {size!r}")
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
+
+
+def save_safetensors(dest: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                     max_shard_size: str | None, stem: str = "model") -> list[Path]:
+    tensors = {k: v.to(dtype).contiguous() for k, v in sorted(tensors.items())}
+    if max_shard_size is None:
+        path = dest / f"{stem}.safetensors"
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return [path]
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        path = dest / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        paths.append(path)
+        weight_map.update({k: path.name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    _write_json(dest / f"{stem}.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return paths
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# ---------------------------------------------------------------- image processors
+
+
+def clip_preprocessor_config(image_processor_type: str) -> dict[str, Any]:
+    return {
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_processor_type": image_processor_type,
+        "image_std": OPENAI_CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": IMAGE_SIZE},
+    }
+
+
+def reference_image_processor(llava_version: str, *, pad_to_square: bool) -> Any:
+    common = dict(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, resample=3,
+    )
+    if llava_version == "1.5":
+        # do_pad: expand to square with the mean colour first (original image_aspect_ratio="pad")
+        return LlavaImageProcessorPil(do_pad=pad_to_square, **common)
+    return LlavaNextImageProcessorPil(image_grid_pinpoints=GRID_PINPOINTS, do_pad=True, **common)
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _t4_config(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers-4 config spelling: ``torch_dtype`` and a flat ``rope_theta``."""
+    if "dtype" in config:
+        config["torch_dtype"] = config.pop("dtype")
+    rope = config.pop("rope_parameters", None)
+    if rope is not None:
+        config["rope_theta"] = rope.get("rope_theta")
+        config["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict):
+            _t4_config(config[sub])
+    return config
+
+
+def write_llava_hf(dest: Path, model: torch.nn.Module, llava_version: str, *, spelling: int,
+                   save_dtype: torch.dtype, max_shard_size: str | None) -> None:
+    save_safetensors(dest, hf_tensors(model, spelling), save_dtype, max_shard_size)
+    model.config.save_pretrained(str(dest))  # config.json as transformers writes it
+    config = {"architectures": [type(model).__name__],
+              **json.loads((dest / "config.json").read_text()),
+              "dtype": _DTYPE_NAMES[save_dtype]}
+    if spelling == 4:
+        config = _t4_config(config)
+    config.pop("transformers_version", None)
+    _write_json(dest / "config.json", config)
+    _write_json(dest / "generation_config.json",
+                {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": SP_VOCAB_SIZE + 1})
+    if llava_version == "1.5":
+        pre = clip_preprocessor_config("CLIPImageProcessor")
+        processor_class = "LlavaProcessor"
+    else:
+        pre = clip_preprocessor_config("LlavaNextImageProcessor")
+        pre.update({"aspect_ratio_setting": "anyres", "do_pad": True,
+                    "image_grid_pinpoints": GRID_PINPOINTS})
+        processor_class = "LlavaNextProcessor"
+    pre["processor_class"] = processor_class
+    _write_json(dest / "preprocessor_config.json", pre)
+    _write_json(dest / "processor_config.json", {
+        "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1, "patch_size": PATCH_SIZE,
+        "processor_class": processor_class, "vision_feature_select_strategy": "default",
+    })
+
+
+def original_config(model: torch.nn.Module, llava_version: str, llm: str, clip_path: Path,
+                    save_dtype: torch.dtype) -> dict[str, Any]:
+    text = model.config.text_config
+    config: dict[str, Any] = {
+        "_name_or_path": f"./checkpoints/tiny-{llm}",
+        "architectures": ["LlavaLlamaForCausalLM" if llm == "llama" else "LlavaMistralForCausalLM"],
+        "model_type": "llava_llama" if llm == "llama" else "llava_mistral",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "initializer_range": 0.02,
+        "max_position_embeddings": text.max_position_embeddings,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": float(text.rope_parameters["rope_theta"]),
+        "tie_word_embeddings": False,
+        "torch_dtype": _DTYPE_NAMES[save_dtype],
+        "transformers_version": "4.36.2",
+        "use_cache": True,
+        "vocab_size": text.vocab_size,
+        "freeze_mm_mlp_adapter": False,
+        "image_aspect_ratio": "pad" if llava_version == "1.5" else "anyres",
+        "mm_hidden_size": model.config.vision_config.hidden_size,
+        "mm_patch_merge_type": "flat" if llava_version == "1.5" else "spatial_unpad",
+        "mm_projector_lr": None,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": str(clip_path),
+        "tokenizer_model_max_length": 2048 if llava_version == "1.5" else 4096,
+        "tokenizer_padding_side": "right",
+        "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+    }
+    if llm == "mistral":
+        config["sliding_window"] = None
+    if llava_version == "1.6":
+        config.update({
+            "image_crop_resolution": 224,
+            "image_grid_pinpoints": GRID_PINPOINTS,
+            "image_split_resolution": 224,
+            "mm_vision_tower_lr": 2e-6,
+            "unfreeze_mm_vision_tower": True,
+        })
+    return config
+
+
+def write_clip_repo(dest: Path, tower: dict[str, torch.Tensor] | None, seed: int) -> None:
+    """A full openai/clip-vit-style repo; its vision half is ``tower`` (or random when None)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    text = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=16, projection_dim=64,
+                          bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision_config().to_dict(),
+                        projection_dim=64)
+    config.architectures = ["CLIPModel"]
+    clip = CLIPModel(config).eval()
+    randomize_(clip, seed)
+    tensors = {k: v.detach().clone().contiguous() for k, v in clip.state_dict().items()}
+    if tower is not None:
+        missing = set(k for k in tensors if k.startswith("vision_model.")) ^ set(tower)
+        if missing:
+            raise KeyError(f"CLIP vision keys differ from the tower's: {sorted(missing)[:5]}")
+        tensors.update(tower)
+    save_safetensors(dest, tensors, torch.float32, None)
+    config.save_pretrained(str(dest))
+    config_dict = _t4_config(json.loads((dest / "config.json").read_text()))
+    config_dict["torch_dtype"] = "float32"
+    config_dict.pop("transformers_version", None)
+    _write_json(dest / "config.json", config_dict)
+    _write_json(dest / "preprocessor_config.json", clip_preprocessor_config("CLIPImageProcessor"))
+
+
+def write_original(dest: Path, clip_path: Path, model: torch.nn.Module, llava_version: str,
+                   llm: str, *, save_dtype: torch.dtype, max_shard_size: str | None,
+                   seed: int) -> None:
+    save_safetensors(dest, original_tensors(model, llava_version), save_dtype, max_shard_size)
+    _write_json(dest / "config.json", original_config(model, llava_version, llm, clip_path, save_dtype))
+    _write_json(dest / "generation_config.json",
+                {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": 4096})
+    tower = split_state_dict(model)["tower"]
+    # 1.5 loads its tower from the CLIP repo; 1.6 ships a fine-tuned tower, so its CLIP repo differs.
+    write_clip_repo(clip_path, tower if llava_version == "1.5" else None, seed + 1000)
+
+
+def build_checkpoint(
+    root: Path,
+    *,
+    llava_version: str,
+    layout: str,
+    llm: str = "llama",
+    spelling: int = 4,
+    save_dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    tokenizer_files: str | None = None,
+    seed: int = 0,
+    sp_model_path: Path | None = None,
+) -> TinyCheckpoint:
+    """Write a tiny random checkpoint under ``root`` and return it with its reference.
+
+    ``tokenizer_files`` defaults to "both" for llava-hf and "model" for original (what
+    those repos ship). ``sp_model_path`` reuses an already trained tokenizer.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if save_dtype not in _DTYPE_NAMES:
+        raise ValueError(f"save_dtype must be one of {list(_DTYPE_NAMES)}, got {save_dtype}")
+    llava_hf = layout == "llava-hf"
+    if tokenizer_files is None:
+        tokenizer_files = "both" if llava_hf else "model"
+    if sp_model_path is None:
+        sp_model_path = train_tokenizer(root / "sentencepiece")
+    tokenizer = reference_tokenizer(sp_model_path, with_image_token=llava_hf)
+
+    if llava_hf:
+        # <image> = sp vocab, <pad> = sp vocab + 1
+        model = build_reference(llava_version, llm, vocab_size=SP_VOCAB_SIZE + 2,
+                                image_token_id=SP_VOCAB_SIZE, pad_token_id=SP_VOCAB_SIZE + 1)
+    else:
+        # No image token in the vocab: the reference marks image positions with <unk>.
+        model = build_reference(llava_version, llm, vocab_size=SP_VOCAB_SIZE, image_token_id=0,
+                                pad_token_id=0)
+    randomize_(model, seed)
+    if save_dtype != torch.float32:
+        if llava_hf or llava_version == "1.6":
+            round_trip_(model, save_dtype)
+        else:
+            # 1.5 original: the tower comes from the float32 CLIP repo, the rest from the checkpoint.
+            for name, module in model.model.named_children():
+                if name != "vision_tower":
+                    round_trip_(module, save_dtype)
+            round_trip_(model.lm_head, save_dtype)
+
+    name = (f"{layout}-{llava_version}-{llm}-s{spelling}-{_DTYPE_NAMES[save_dtype]}"
+            f"-{max_shard_size or 'single'}-{tokenizer_files}-{seed}")
+    path = root / name
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    clip_path = None
+    if llava_hf:
+        write_llava_hf(path, model, llava_version, spelling=spelling, save_dtype=save_dtype,
+                       max_shard_size=max_shard_size)
+    else:
+        clip_path = root / f"{name}-clip"
+        if clip_path.exists():
+            shutil.rmtree(clip_path)
+        write_original(path, clip_path, model, llava_version, llm, save_dtype=save_dtype,
+                       max_shard_size=max_shard_size, seed=seed)
+    write_tokenizer_files(path, tokenizer, sp_model_path, files=tokenizer_files, llava_hf=llava_hf,
+                          model_max_length=2048 if llava_version == "1.5" else 4096)
+    return TinyCheckpoint(
+        path=path,
+        clip_path=clip_path,
+        layout=layout,
+        llava_version=llava_version,
+        llm=llm,
+        model=model,
+        tokenizer=tokenizer,
+        sp_model_path=sp_model_path,
+        image_processor=reference_image_processor(llava_version, pad_to_square=not llava_hf),
+        image_token_id=SP_VOCAB_SIZE if llava_hf else None,
+    )

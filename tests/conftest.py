@@ -1,0 +1,42 @@
+"""Session fixtures: one trained SentencePiece model, tiny checkpoints cached per arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# tests/ has no __init__.py, so pytest's default "prepend" import mode puts it on sys.path.
+from checkpoints import TinyCheckpoint, build_checkpoint, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained sentencepiece .model shared by every tiny checkpoint of the session."""
+    return train_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, sp_model: Path
+) -> Callable[..., TinyCheckpoint]:
+    """Factory: ``tiny_checkpoint(llava_version="1.5", layout="llava-hf", llm="llama", **options)``.
+
+    Options are those of ``build_checkpoint`` (spelling, save_dtype, max_shard_size,
+    tokenizer_files, seed). Builds are cached per argument tuple for the session, so
+    treat the returned checkpoint (files and reference model) as read-only.
+    """
+    cache: dict[tuple[Any, ...], TinyCheckpoint] = {}
+
+    def make(llava_version: str = "1.5", layout: str = "llava-hf", llm: str = "llama",
+             **options: Any) -> TinyCheckpoint:
+        key = (llava_version, layout, llm, tuple(sorted(options.items(), key=lambda kv: kv[0])))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"tiny-{layout}-{llava_version}-{llm}")
+            cache[key] = build_checkpoint(root, llava_version=llava_version, layout=layout, llm=llm,
+                                          sp_model_path=sp_model, **options)
+        return cache[key]
+
+    return make

@@ -1,0 +1,168 @@
+"""The runtime against transformers on the same weights: features, logits, greedy answers, chat."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import TinyCheckpoint
+from PIL import Image
+
+from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+from llava_gguf.llama import KVCacheType, LlamaOptions
+from llava_gguf.model import GenerationOptions, LlavaModel, RuntimeOptions
+from llava_gguf.sampling import SamplingOptions
+from llava_gguf.templates import Message, Role, user_text
+
+CASES = [
+    pytest.param(("1.5", "llava-hf", "llama"), id="hf-1.5"),
+    pytest.param(("1.5", "original", "llama"), id="orig-1.5"),
+    pytest.param(("1.6", "llava-hf", "mistral"), id="hf-1.6-mistral"),
+    pytest.param(("1.6", "original", "llama"), id="orig-1.6"),
+]
+GREEDY = GenerationOptions(max_tokens=16, sampling=SamplingOptions(temperature=0.0))
+EXACT = RuntimeOptions(llama=LlamaOptions(kv_cache_type=KVCacheType.F32, flash_attn=False, n_threads=2))
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # smooth-ish content so resizing matters
+    base = rng.integers(0, 256, (max(1, height // 8), max(1, width // 8), 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((width, height), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint: Callable[..., TinyCheckpoint], tmp_path_factory: pytest.TempPathFactory):
+    cache: dict[tuple, tuple[TinyCheckpoint, LlavaModel]] = {}
+
+    def make(case: tuple) -> tuple[TinyCheckpoint, LlavaModel]:
+        if case not in cache:
+            version, layout, llm = case
+            ckpt = tiny_checkpoint(llava_version=version, layout=layout, llm=llm)
+            out = tmp_path_factory.mktemp("gguf")
+            result = convert_checkpoint(ckpt.path, out, ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
+            cache[case] = ckpt, LlavaModel(result.llm, result.mmproj, EXACT)
+        return cache[case]
+
+    return make
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def reference_pixels(ckpt: TinyCheckpoint, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    out = ckpt.image_processor(images, return_tensors="pt")
+    inputs = {"pixel_values": out["pixel_values"]}
+    if "image_sizes" in out:
+        inputs["image_sizes"] = out["image_sizes"]
+    return inputs
+
+
+def reference_features(ckpt: TinyCheckpoint, images: list[Image.Image]) -> list[np.ndarray]:
+    with torch.no_grad():
+        feats = ckpt.model.model.get_image_features(**reference_pixels(ckpt, images)).pooler_output
+    return [f.reshape(-1, f.shape[-1]).numpy() for f in feats]
+
+
+def reference_ids(ckpt: TinyCheckpoint, prompt: str, counts: list[int]) -> list[int]:
+    """input_ids as the reference builds them, each image expanded to its feature count."""
+    chunks = prompt.split("<image>")
+    ids = list(ckpt.tokenizer(chunks[0]).input_ids)
+    for n, chunk in zip(counts, chunks[1:]):
+        ids += [ckpt.placeholder_id] * n
+        if ckpt.layout == "llava-hf":
+            ids += ckpt.tokenizer(chunk, add_special_tokens=False).input_ids
+        else:  # tokenizer_image_token: every chunk tokenized on its own, its BOS dropped
+            ids += ckpt.tokenizer(chunk).input_ids[1:]
+    if ckpt.layout == "llava-hf":  # one pass over the whole prompt, <image> a special token
+        whole = ckpt.tokenizer(prompt.replace("<image>", "<image>" * 1)).input_ids
+        expanded = [t for tok in whole for t in ([tok] * counts[0] if tok == ckpt.image_token_id else [tok])]
+        if len(counts) == 1:
+            assert expanded == ids
+    return ids
+
+
+def reference_run(ckpt: TinyCheckpoint, prompt: str, images: list[Image.Image], max_new: int = 16):
+    counts = [len(f) for f in reference_features(ckpt, images)] if images else []
+    ids = torch.tensor([reference_ids(ckpt, prompt, counts)])
+    # an explicit mask: the original layout's placeholder id is also the pad id
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              **(reference_pixels(ckpt, images) if images else {})}
+    with torch.no_grad():
+        logits = ckpt.model(**inputs).logits[0, -1].numpy()
+        generated = ckpt.model.generate(**inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=2,
+                                        pad_token_id=0)[0, ids.shape[1]:].tolist()
+    if 2 in generated:
+        generated = generated[: generated.index(2)]
+    return logits, generated, counts
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("size", [(90, 50), (30, 120), (56, 56), (1, 1), (400, 300)])
+def test_packed_features_match(pair, case, size) -> None:
+    ckpt, model = pair(case)
+    image = random_image(*size, seed=size[0])
+    ours = model.image_features(image)
+    (ref,) = reference_features(ckpt, [image])
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+def _prompt(model: LlavaModel, question: str, n_images: int) -> str:
+    return model.render([Message(Role.USER, user_text(question, n_images))])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_image_logits_and_greedy_answer(pair, case) -> None:
+    ckpt, model = pair(case)
+    image = random_image(90, 50, seed=1)
+    prompt = _prompt(model, "What is in the picture?", 1)
+    ref_logits, ref_tokens, counts = reference_run(ckpt, prompt, [image])
+    ours = model.prompt_logits(prompt, [image])
+    assert np.abs(ours - ref_logits).max() <= 2e-3
+    chat = model.chat()
+    "".join(chat.send("What is in the picture?", [image], GREEDY))
+    assert chat.last_prompt == prompt
+    assert model.timings.n_image_tokens == counts
+    assert chat.last_tokens == ref_tokens
+    assert len(ref_tokens) == 16 or len(chat.last_tokens) == len(ref_tokens)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_two_images(pair, case) -> None:
+    ckpt, model = pair(case)
+    images = [random_image(90, 50, seed=2), random_image(40, 100, seed=3)]
+    prompt = _prompt(model, "Compare the two pictures.", 2)
+    ref_logits, ref_tokens, counts = reference_run(ckpt, prompt, images)
+    ours = model.prompt_logits(prompt, images)
+    assert np.abs(ours - ref_logits).max() <= 2e-3
+    chat = model.chat()
+    "".join(chat.send("Compare the two pictures.", images, GREEDY))
+    assert chat.last_tokens == ref_tokens
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+def test_second_turn_reuses_cache(pair, case) -> None:
+    ckpt, model = pair(case)
+    image = random_image(70, 60, seed=4)
+    chat = model.chat()
+    "".join(chat.send("What is in the picture?", [image], GREEDY))
+    first = model.timings
+    assert first.n_images_encoded == 1
+    "".join(chat.send("And what colour is it?", [], GREEDY))
+    second = model.timings
+    assert second.n_images_encoded == 0
+    # only what follows the cached prefix was decoded again
+    assert second.n_prefilled < second.n_prompt_tokens - first.n_prompt_tokens + first.n_generated + 2
+    prompt = chat.last_prompt
+    assert prompt == model.render(chat.messages[:-1])
+    ref_logits, ref_tokens, _ = reference_run(ckpt, prompt, [image])
+    assert chat.last_tokens == ref_tokens
+    ours = model.prompt_logits(prompt, [image])
+    assert np.abs(ours - ref_logits).max() <= 2e-3

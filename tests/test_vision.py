@@ -1,0 +1,303 @@
+"""Parity of the NumPy vision encoder with transformers' LLaVA image features.
+
+Each case builds a tiny random `LlavaForConditionalGeneration`, writes its vision tensors into a
+real tiny mmproj GGUF, loads it with `NumpyVisionEncoder.from_gguf` and compares the features
+with `model.model.get_image_features(...).pooler_output` (one [tokens, llm_hidden] per tile).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from llava_gguf.convert.names import Layout, block_index, canonical_name, gguf_name, is_vision
+from llava_gguf.errors import GGUFFormatError, ImageError
+from llava_gguf.metadata import ClipKeys, ImageMode, SelectStrategy, VisionSettings
+from llava_gguf.vision import GGUFTensors, NumpyVisionEncoder, gelu, load_mmproj_tensors, quick_gelu
+
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+N_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    feature_layer: int  # transformers' vision_feature_layer (may be negative)
+    strategy: SelectStrategy
+    weights: str = "f32"  # "f32", "f16" or "q8_0": how the GGUF stores the 2-D weights
+    tol: float = 1e-5
+
+
+def tiny_llava(case: Case) -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=127,
+        vision_feature_layer=case.feature_layer,
+        vision_feature_select_strategy=case.strategy.value,
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    # A larger spread than the default init, so that any mistake shows in the features.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.1)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    return model
+
+
+def hub_name(name: str) -> str:
+    """The llava-hf checkpoint spelling of a transformers 5 parameter name.
+
+    transformers 5 flattens `CLIPVisionModel` (``model.vision_tower.encoder...``, also in
+    `save_pretrained`), while the llava-hf checkpoints on the Hub, which the converter reads,
+    spell ``vision_tower.vision_model.encoder...``.
+    """
+    flat, hub = "model.vision_tower.", "model.vision_tower.vision_model."
+    if name.startswith(flat) and not name.startswith(hub):
+        return hub + name[len(flat) :]
+    return name
+
+
+def gguf_tensors(model: LlavaForConditionalGeneration, n_blocks: int) -> dict[str, np.ndarray]:
+    """The vision tensors the mmproj holds, by GGUF name, float32 in torch's shapes."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        canonical = canonical_name(hub_name(name), Layout.LLAVA_HF)
+        if canonical is None or not is_vision(canonical):
+            continue
+        bid = block_index(canonical)
+        if bid is not None and bid >= n_blocks:
+            continue
+        out[gguf_name(canonical, gguf.MODEL_ARCH.MMPROJ, n_blocks)] = tensor.detach().float().numpy().copy()
+    return out
+
+
+def is_matrix(array: np.ndarray) -> bool:
+    """What the converter stores in f16 / q8_0: the linear weights and the patch conv."""
+    return array.ndim >= 2 and not array.shape[0] == 1 + (IMAGE_SIZE // PATCH_SIZE) ** 2  # not the positions
+
+
+def store(tensors: dict[str, np.ndarray], weights: str) -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]]:
+    """Each tensor as written to the GGUF: (array, raw quantization type or None)."""
+    stored: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]] = {}
+    for name, array in tensors.items():
+        if weights == "f32" or not is_matrix(array):
+            stored[name] = (array, None)
+        elif weights == "f16" or array.ndim != 2:  # q8_0 rows need a multiple of 32; the conv stays f16
+            stored[name] = (array.astype(np.float16), None)
+        else:
+            stored[name] = (gguf.quants.quantize(array, Q8_0), Q8_0)
+    return stored
+
+
+def round_like_stored(model: LlavaForConditionalGeneration, stored: dict, n_blocks: int) -> None:
+    """Give the torch model exactly the weights the GGUF holds (f16 rounding, q8_0 error)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            canonical = canonical_name(hub_name(name), Layout.LLAVA_HF)
+            if canonical is None or not is_vision(canonical):
+                continue
+            bid = block_index(canonical)
+            if bid is not None and bid >= n_blocks:
+                continue
+            array, qtype = stored[gguf_name(canonical, gguf.MODEL_ARCH.MMPROJ, n_blocks)]
+            value = gguf.quants.dequantize(array, qtype) if qtype is not None else array.astype(np.float32)
+            p.copy_(torch.from_numpy(value.reshape(p.shape)))
+
+
+def write_mmproj(path: Path, stored: dict, n_blocks: int, case: Case) -> None:
+    """A minimal mmproj GGUF. The real converter (llava_gguf.convert) writes these files and has
+    its own tests; this only exercises `NumpyVisionEncoder.from_gguf` on a real file."""
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_vision_block_count(n_blocks)
+    writer.add_vision_embedding_length(64)
+    writer.add_vision_feed_forward_length(128)
+    writer.add_vision_head_count(4)
+    writer.add_vision_attention_layernorm_eps(1e-5)
+    writer.add_vision_image_size(IMAGE_SIZE)
+    writer.add_vision_patch_size(PATCH_SIZE)
+    writer.add_vision_image_mean([0.5, 0.5, 0.5])
+    writer.add_vision_image_std([0.5, 0.5, 0.5])
+    writer.add_array(ClipKeys.FEATURE_LAYER, [n_blocks])
+    VisionSettings(
+        llava_version="1.5",
+        layout=Layout.LLAVA_HF.value,
+        image_mode=ImageMode.CROP,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        shortest_edge=IMAGE_SIZE,
+        crop_size=(IMAGE_SIZE, IMAGE_SIZE),
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        vision_feature_layer=case.feature_layer,
+        vision_feature_select_strategy=case.strategy,
+    ).write(writer)
+    for name, (array, qtype) in stored.items():
+        writer.add_tensor(name, array, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def reference_features(model: LlavaForConditionalGeneration, tiles: np.ndarray, case: Case) -> np.ndarray:
+    with torch.no_grad():
+        out = model.model.get_image_features(
+            pixel_values=torch.from_numpy(tiles),
+            vision_feature_layer=case.feature_layer,
+            vision_feature_select_strategy=case.strategy.value,
+        )
+    return torch.stack(list(out.pooler_output)).numpy()  # n_tiles x [tokens, llm_hidden]
+
+
+CASES = [
+    Case(-2, SelectStrategy.DEFAULT),
+    Case(-2, SelectStrategy.FULL),
+    Case(-1, SelectStrategy.FULL),
+    Case(1, SelectStrategy.DEFAULT),
+    Case(-2, SelectStrategy.DEFAULT, weights="f16"),
+    Case(-2, SelectStrategy.FULL, weights="q8_0"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"layer{c.feature_layer}-{c.strategy.value}-{c.weights}")
+def test_features_match_transformers(case: Case, tmp_path: Path) -> None:
+    model = tiny_llava(case)
+    n_blocks = case.feature_layer % (N_LAYERS + 1)  # hidden_states index = blocks that run
+    stored = store(gguf_tensors(model, n_blocks), case.weights)
+    round_like_stored(model, stored, n_blocks)
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(path, stored, n_blocks, case)
+
+    tiles = np.random.default_rng(1).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    expected = reference_features(model, tiles, case)
+    encoder = NumpyVisionEncoder.from_gguf(path)
+    got = encoder.encode(tiles)
+
+    n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    assert got.shape == (2, n_patches + (case.strategy == SelectStrategy.FULL), 64)
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= case.tol
+    assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero features
+
+
+def test_f16_weights_are_views_and_cache_is_bounded(tmp_path: Path) -> None:
+    case = Case(-2, SelectStrategy.DEFAULT, weights="f16")
+    model = tiny_llava(case)
+    stored = store(gguf_tensors(model, 2), "f16")
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(path, stored, 2, case)
+    tensors = load_mmproj_tensors(path)
+    assert isinstance(tensors, GGUFTensors)
+    up = tensors["v.blk.0.ffn_up.weight"]
+    assert up.dtype == np.float16 and up.shape == (128, 64) and not up.flags.owndata
+    assert tensors["v.patch_embd.weight"].shape == (64, 3, PATCH_SIZE, PATCH_SIZE)
+
+    tiles = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    uncached = NumpyVisionEncoder.from_gguf(path, cache_bytes=0)
+    cached = NumpyVisionEncoder.from_gguf(path)
+    np.testing.assert_array_equal(uncached.encode(tiles), cached.encode(tiles))
+    assert uncached._cache == {}
+    assert cached._cache  # upcast weights kept between tiles while the budget allows
+
+
+def test_on_tile_reports_progress(tmp_path: Path) -> None:
+    case = Case(-2, SelectStrategy.DEFAULT)
+    model = tiny_llava(case)
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(path, store(gguf_tensors(model, 2), "f32"), 2, case)
+    calls: list[tuple[int, int]] = []
+    NumpyVisionEncoder.from_gguf(path).encode(
+        np.zeros((3, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32), on_tile=lambda done, total: calls.append((done, total))
+    )
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    case = Case(-2, SelectStrategy.DEFAULT)
+    model = tiny_llava(case)
+    tensors = gguf_tensors(model, 2)
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(path, store(tensors, "f32"), 2, case)
+    encoder = NumpyVisionEncoder.from_gguf(path)
+    with pytest.raises(ImageError, match=r"\(1, 3, 28, 28\)"):
+        encoder.encode(np.zeros((1, 3, 28, 28), np.float32))
+
+    del tensors["v.blk.1.attn_k.weight"]
+    broken = tmp_path / "broken.gguf"
+    write_mmproj(broken, store(tensors, "f32"), 2, case)
+    with pytest.raises(GGUFFormatError, match="v.blk.1.attn_k.weight"):
+        NumpyVisionEncoder.from_gguf(broken)
+
+    not_clip = tmp_path / "llm.gguf"
+    writer = gguf.GGUFWriter(not_clip, "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(GGUFFormatError, match="not an mmproj"):
+        NumpyVisionEncoder.from_gguf(not_clip)
+
+
+def _check_activation(ours: Callable[[np.ndarray], np.ndarray], theirs: torch.nn.Module) -> None:
+    x = np.concatenate(
+        [np.linspace(-40, 40, 200_001), np.random.default_rng(2).standard_normal(100_000) * 4]
+    ).astype(np.float32)
+    expected = theirs(torch.from_numpy(x)).numpy()
+    got = ours(x.copy())
+    # torch rounds 1 + erf(x / sqrt 2) to float32, so near y = 0 it is off by about |x| * 3e-8;
+    # elsewhere both results are within float32 rounding of each other.
+    assert (np.abs(got - expected) / np.maximum(np.abs(x), 1.0)).max() <= 1e-6
+    large = np.abs(expected) >= 0.1
+    assert (np.abs(got - expected)[large] / np.abs(expected[large])).max() <= 1e-6
+
+
+def test_gelu_is_torch_exact_erf_gelu() -> None:
+    _check_activation(gelu, torch.nn.GELU())
+
+
+def test_gelu_against_math_erfc() -> None:
+    x = np.linspace(-14, 8, 100_001).astype(np.float32)
+    exact = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.tolist()]).astype(np.float32)
+    got = gelu(x)
+    tiny = np.abs(exact) < 1e-37  # float32 denormals
+    rel = np.abs(got - exact)[~tiny] / np.abs(exact[~tiny])
+    assert rel.max() <= 2.5e-7  # within float32 rounding, even far in the negative tail
+
+
+def test_quick_gelu_matches_clip() -> None:
+    class QuickGELU(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(1.702 * x)
+
+    with np.errstate(over="ignore"):
+        _check_activation(quick_gelu, QuickGELU())
