@@ -14,10 +14,10 @@ log = logging.getLogger(__name__)
 
 
 class FeatureCache:
-    def __init__(self, directory: Path | None = None, max_bytes: int = 1 << 30, max_memory_items: int = 64) -> None:
+    def __init__(self, directory: Path | None = None, max_bytes: int = 1 << 30, max_memory_bytes: int = 256 << 20) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.max_memory_items = max_memory_items
+        self.max_memory_bytes = max_memory_bytes
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -65,7 +65,7 @@ class FeatureCache:
     def _remember(self, key: str, features: np.ndarray) -> None:
         self._memory[key] = features
         self._memory.move_to_end(key)
-        while len(self._memory) > self.max_memory_items:
+        while len(self._memory) > 1 and sum(f.nbytes for f in self._memory.values()) > self.max_memory_bytes:
             self._memory.popitem(last=False)
 
     def _evict(self) -> None:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from llava_gguf.errors import GGUFFormatError, ModelLoadError, PromptError
+from llava_gguf.errors import GGUFFormatError, ImageError, ModelLoadError, PromptError
 from llava_gguf.feature_cache import FeatureCache
 from llava_gguf.image import ImageSource, image_digest, load_image
 from llava_gguf.info import read_gguf
@@ -71,10 +72,14 @@ class Timings:
     n_images_encoded: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedImage:
+    """An image identified and counted; its features are computed when first needed."""
+
     slot: ImageSlot
     size_hw: tuple[int, int]
+    image: Image.Image | None = None
+    on_tile: TileCallback | None = None
 
 
 def find_gguf_pair(directory: Path) -> tuple[Path, Path]:
@@ -117,7 +122,8 @@ class LlavaModel:
         stat = self.mmproj_path.stat()
         self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}"
         self._cached: list[Item] = []  # what the KV cache holds, in order
-        self._features: dict[str, np.ndarray] = {}
+        self._features: dict[str, np.ndarray] = {}  # packed features of this session's images
+        self._pending: dict[str, PreparedImage] = {}  # images in a sequence, not yet encoded
         self.timings = Timings()
 
     @classmethod
@@ -132,23 +138,32 @@ class LlavaModel:
     # ------------------------------------------------------------------ images
 
     def prepare_image(self, source: ImageSource, on_tile: TileCallback | None = None) -> PreparedImage:
-        """Load, preprocess, encode and pack an image (or find it in the cache)."""
+        """Load an image and count its tokens; encoding waits until the prompt is known to fit."""
         image = load_image(source, composite_alpha=self.settings.layout != "original")
         key = hashlib.sha256(f"{self._model_key}:{image_digest(image, self.settings)}".encode()).hexdigest()[:32]
         size_hw = (image.height, image.width)
+        n_tokens = count_image_tokens(size_hw, self.settings)
+        return PreparedImage(ImageSlot(key, n_tokens), size_hw, image, on_tile)
+
+    def encode_image(self, prepared: PreparedImage) -> np.ndarray:
+        """The packed features of a prepared image: from this session, the cache, or the encoder."""
+        key = prepared.slot.key
         features = self._features.get(key)
         if features is None:
             features = self.cache.get(key)
         if features is None:
-            features = self._encode(image, on_tile)
+            if prepared.image is None:
+                raise ImageError("the image was released before it was encoded")
+            features = self._encode(prepared.image, prepared.on_tile)
             self.cache.put(key, features)
             self.timings.n_images_encoded += 1
         self._features[key] = features
-        return PreparedImage(ImageSlot(key, len(features)), size_hw)
+        prepared.image = None
+        return features
 
-    def _encode(self, image: object, on_tile: TileCallback | None) -> np.ndarray:
+    def _encode(self, image: Image.Image, on_tile: TileCallback | None) -> np.ndarray:
         start = time.perf_counter()
-        tiles, size_hw = preprocess(image, self.settings)  # type: ignore[arg-type]
+        tiles, size_hw = preprocess(image, self.settings)
         features = self.encoder.encode(tiles, on_tile)  # [n_tiles, n_patches, d]
         if self.settings.image_mode.value == "anyres":
             newline = self.encoder.image_newline
@@ -160,16 +175,16 @@ class LlavaModel:
         expected = count_image_tokens(size_hw, self.settings)
         if len(packed) != expected:
             raise GGUFFormatError(f"packed {len(packed)} image features but the reference uses {expected}")
+        # [n_tokens, d]
         self.timings.vision_encode_s += time.perf_counter() - start
         return packed
 
     def image_features(self, source: ImageSource) -> np.ndarray:
         """The packed features ``[n_image_tokens, llm_hidden]`` the LLM receives for an image."""
-        return self._features[self.prepare_image(source).slot.key]
+        return self.encode_image(self.prepare_image(source))
 
     def count_image_tokens(self, source: ImageSource) -> int:
-        image = load_image(source)
-        return count_image_tokens((image.height, image.width), self.settings)
+        return self.prepare_image(source).slot.n_tokens
 
     # ------------------------------------------------------------------ prompts
 
@@ -177,13 +192,23 @@ class LlavaModel:
         return render(self.template, messages, system)
 
     def sequence(self, prompt: str, images: Sequence[PreparedImage]) -> list[Item]:
+        self._pending.update({p.slot.key: p for p in images})
         return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id)
 
     def prefill(self, items: list[Item], reserve: int = 0) -> None:
-        """Make the KV cache hold exactly ``items``, reusing the longest cached prefix."""
+        """Make the KV cache hold exactly ``items``, reusing the longest cached prefix.
+
+        The context is checked (and sized) before any image is encoded or token decoded.
+        """
         needed = sequence_length(items) + reserve
         before = self.runtime.n_ctx
         self.runtime.ensure_context(needed)
+        keys = {item.key for item in items if isinstance(item, ImageSlot)}
+        for key in keys - self._features.keys():
+            self.encode_image(self._pending[key])
+        # hold only the features this sequence uses
+        self._features = {k: v for k, v in self._features.items() if k in keys}
+        self._pending = {}
         if self.runtime.n_ctx != before or self.runtime.n_past == 0:
             self._cached = []
         keep = common_prefix(self._cached, items)

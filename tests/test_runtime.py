@@ -166,3 +166,30 @@ def test_second_turn_reuses_cache(pair, case) -> None:
     assert chat.last_tokens == ref_tokens
     ours = model.prompt_logits(prompt, [image])
     assert np.abs(ours - ref_logits).max() <= 2e-3
+
+
+def test_context_overflow_is_caught_before_any_work(pair, tmp_path: Path) -> None:
+    from llava_gguf.errors import ContextOverflowError
+
+    ckpt, exact = pair(CASES[2].values[0])
+    small = LlavaModel(exact.llm_path, exact.mmproj_path,
+                       RuntimeOptions(llama=LlamaOptions(n_ctx=64, kv_cache_type=KVCacheType.F32, flash_attn=False)))
+    image = random_image(400, 300, seed=5)
+    assert small.count_image_tokens(image) > 64
+    with pytest.raises(ContextOverflowError, match=r"need \d+ tokens but the context holds 64"):
+        "".join(small.chat().send("Describe.", [image], GREEDY))
+    assert small.timings.n_images_encoded == 0
+    assert small.timings.vision_encode_s == 0.0
+
+
+def test_feature_cache_across_runs(pair, tmp_path: Path) -> None:
+    ckpt, exact = pair(CASES[0].values[0])
+    options = RuntimeOptions(llama=EXACT.llama, cache_dir=tmp_path / "features")
+    image = random_image(90, 50, seed=6)
+    first = LlavaModel(exact.llm_path, exact.mmproj_path, options)
+    features = first.image_features(image)
+    assert first.timings.n_images_encoded == 1
+    second = LlavaModel(exact.llm_path, exact.mmproj_path, options)
+    again = second.image_features(image)
+    assert second.timings.n_images_encoded == 0 and second.cache.hits == 1
+    np.testing.assert_array_equal(features, again)
