@@ -76,8 +76,10 @@ def plan_llm_tensors(ckpt: LlavaCheckpoint, store: TensorStore, qtype: Q) -> lis
         else:
             heads = None
 
-        def produce(source: str = source, heads: int | None = heads) -> np.ndarray:
-            data = store.load(source)
+        def produce(source: str = source, heads: int | None = heads, target: Q = target) -> np.ndarray:
+            # bf16 into bf16 passes the bits through: no f32 copy of the tensor
+            raw = target == Q.BF16 and store.ref(source).dtype == "BF16"
+            data = store.load_raw(source) if raw else store.load(source)
             return permute_rope(data, heads) if heads is not None else data
 
         planned.append(PlannedTensor(gguf_name(c, ARCH, text.num_hidden_layers), shape, target, produce))

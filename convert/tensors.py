@@ -41,7 +41,7 @@ class TensorRef:
 
     name: str
     path: Path
-    dtype: str  # safetensors dtype name ("F32", "F16", "BF16", ...) or "torch"
+    dtype: str  # safetensors dtype name ("F32", "F16", "BF16", ...), also for .bin tensors
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
@@ -121,16 +121,18 @@ class TensorStore:
 
     def load(self, name: str) -> np.ndarray:
         """The tensor as a NumPy array: f32 and f16 as stored (a memory-mapped view), bf16 as f32."""
+        array = self.load_raw(name)
+        return bf16_to_f32(array) if self._refs[name].dtype == "BF16" else array
+
+    def load_raw(self, name: str) -> np.ndarray:
+        """The tensor as stored, memory-mapped (bf16 as its uint16 bits)."""
         ref = self._refs[name]
-        if ref.dtype == "torch":
+        if ref.path.suffix != ".safetensors":
             return self._load_torch(ref)
         dtype = _DTYPES[ref.dtype]
         count = ref.nbytes // dtype.itemsize
         data = np.memmap(ref.path, dtype=dtype, mode="r", offset=ref.start, shape=(count,))
-        array = data.reshape(ref.shape)  # [count] -> shape
-        if ref.dtype == "BF16":
-            return bf16_to_f32(array)
-        return array
+        return data.reshape(ref.shape)  # [count] -> shape
 
     def iter_refs(self) -> Iterator[TensorRef]:
         return iter(self._refs.values())
@@ -149,8 +151,10 @@ class TensorStore:
         except Exception as e:  # torch raises many types for corrupt pickles
             raise CheckpointError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from e
         self._torch_files[path] = state
+        _TORCH_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
         return {
-            name: TensorRef(name, path, "torch", tuple(t.shape), 0, t.numel() * t.element_size())
+            name: TensorRef(name, path, _TORCH_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape), 0,
+                            t.numel() * t.element_size())
             for name, t in state.items()
         }
 
@@ -159,7 +163,7 @@ class TensorStore:
 
         t = self._torch_files[ref.path][ref.name]
         if t.dtype == torch.bfloat16:
-            t = t.float()
+            return t.view(torch.int16).numpy().view(np.uint16)  # the bits, as safetensors gives them
         return t.numpy()
 
 

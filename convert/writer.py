@@ -43,6 +43,8 @@ def encode_tensor(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndar
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == gguf.GGMLQuantizationType.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
+    if qtype == gguf.GGMLQuantizationType.BF16 and data.dtype == np.uint16:
+        return np.ascontiguousarray(data).view(np.uint8)  # already bf16 bits
     return np.ascontiguousarray(gguf.quants.quantize(np.asarray(data, dtype=np.float32), qtype))
 
 

@@ -290,3 +290,41 @@ def test_interrupted_conversion_leaves_nothing(tmp_path: Path, tiny_checkpoint) 
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(tiny_checkpoint().path, out, ConvertOptions(quant=Quant.Q8_0), interrupt)
     assert calls and list(out.iterdir()) == []
+
+
+def test_pytorch_bin_checkpoint(tmp_path: Path, tiny_checkpoint, converted) -> None:
+    """Older LLaVA uploads ship pytorch_model.bin: read through torch.load(weights_only=True)."""
+    from safetensors.torch import load_file
+
+    ckpt = tiny_checkpoint(layout="original")
+    src = _copy(ckpt, tmp_path / "src")
+    for shard in src.glob("*.safetensors"):
+        torch.save(load_file(shard), src / "pytorch_model.bin")
+        shard.unlink()
+    result = convert_checkpoint(src, tmp_path / "out", ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
+    _, reference = converted(CASES[4].values[0])
+    ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(result.llm).tensors}
+    for t in gguf.GGUFReader(reference.llm).tensors:
+        np.testing.assert_array_equal(ours[t.name], np.asarray(t.data))
+
+
+def test_pytorch_bin_without_torch(tmp_path: Path, tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    src = _copy(tiny_checkpoint(layout="original"), tmp_path / "src")
+    for shard in src.glob("*.safetensors"):
+        torch.save(load_file(shard), src / "pytorch_model.bin")
+        shard.unlink()
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if torch were not installed
+    _convert_fails(src, tmp_path / "out", "need torch to read")
+
+
+def test_bf16_source_quantizes_through_bf16(converted) -> None:
+    """A bf16 checkpoint goes to llama.cpp's quantizer as bf16 bits, unchanged."""
+    ckpt, result = converted(CASES[6].values[0], quant=Quant.Q8_0, mmproj=MmprojType.F16)
+    ids = ckpt.tokenizer(PROMPTS[0]).input_ids
+    with torch.no_grad():
+        ref = ckpt.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    ours = text_logits(load_llama(result.llm), ids)
+    assert np.abs(ours - ref).max() < 0.15
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
