@@ -193,3 +193,42 @@ def test_feature_cache_across_runs(pair, tmp_path: Path) -> None:
     again = second.image_features(image)
     assert second.timings.n_images_encoded == 0 and second.cache.hits == 1
     np.testing.assert_array_equal(features, again)
+
+
+def _odd_image(kind: str, path: Path) -> Path:
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)
+    if kind == "cmyk.jpg":
+        Image.fromarray(rgb).convert("CMYK").save(path)
+    elif kind == "16bit.png":
+        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(path)  # mode I;16
+    elif kind == "alpha.png":
+        Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (48, 72), dtype=np.uint8)])).save(path)
+    elif kind == "animated.gif":
+        frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["cmyk.jpg", "16bit.png", "alpha.png", "animated.gif"])
+def test_odd_images_match_the_reference(pair, tmp_path: Path, kind: str) -> None:
+    from transformers.image_utils import load_image as hf_load_image
+
+    ckpt, model = pair(CASES[2].values[0])
+    path = _odd_image(kind, tmp_path / kind)
+    ours = model.image_features(path)
+    # the reference processor converts what transformers' own loader opens (first frame, EXIF)
+    (ref,) = reference_features(ckpt, [Image.open(path) if kind != "animated.gif" else hf_load_image(str(path))])
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("content", [b"not an image", b"", b"\xff\xd8\xff\xe0" + b"\x00" * 20])
+def test_bad_images_are_clear_errors(pair, tmp_path: Path, content: bytes) -> None:
+    from llava_gguf.errors import ImageError
+
+    _, model = pair(CASES[0].values[0])
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError) as info:
+        "".join(model.chat().send("Describe.", [path], GREEDY))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
