@@ -54,6 +54,7 @@ PREFIXES: dict[Layout, list[tuple[str, str | None]]] = {
     ],
 }
 
+_TOWER = "vision_tower.vision_model."
 # Canonical names that llama.cpp has no use for.
 DROPPED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 # LLaVA reads a hidden state before the tower's end, so its post-layernorm never runs.
@@ -73,6 +74,9 @@ def canonical_name(name: str, layout: Layout) -> str | None:
             if canonical is None:
                 return None
             out = canonical + name[len(source) :]
+            if out.startswith("vision_tower.") and not out.startswith(_TOWER):
+                # transformers 5's save_pretrained drops CLIP's "vision_model." level
+                out = _TOWER + out[len("vision_tower.") :]
             if out.endswith(DROPPED_SUFFIXES) or out.startswith(DROPPED_PREFIXES):
                 return None
             return out

@@ -57,6 +57,10 @@ class GGUFTensors(Mapping[str, np.ndarray]):
     def is_quantized(self, name: str) -> bool:
         return self._tensors[name].tensor_type not in _PLAIN_TYPES
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Torch's shape, without dequantizing: ggml's ne order reversed."""
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))
+
 
 def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
     """A read-only, memory-mapped reader; the project's errors for a missing or broken file."""
@@ -161,7 +165,7 @@ class NumpyVisionEncoder:
 
     @property
     def llm_hidden_size(self) -> int:
-        return int(self._tensors[self._projector_names()[-1] + ".weight"].shape[0])
+        return self._shape(self._projector_names()[-1] + ".weight")[0]
 
     @property
     def image_newline(self) -> np.ndarray | None:
@@ -189,12 +193,12 @@ class NumpyVisionEncoder:
         if missing:
             raise GGUFFormatError(f"mmproj is missing {len(missing)} tensor(s), first {missing[0]!r}")
         h, p = cfg.hidden_size, cfg.patch_size
-        patch = self._tensors[required[0]].shape
-        if tuple(patch) != (h, 3, p, p):
-            raise GGUFFormatError(f"patch embedding has shape {tuple(patch)}, expected {(h, 3, p, p)}")
-        pos = self._tensors[required[2]].shape
-        if tuple(pos) != (cfg.num_patches + 1, h):
-            raise GGUFFormatError(f"position embedding has shape {tuple(pos)}, expected {(cfg.num_patches + 1, h)}")
+        patch = self._shape(required[0])
+        if patch != (h, 3, p, p):
+            raise GGUFFormatError(f"patch embedding has shape {patch}, expected {(h, 3, p, p)}")
+        pos = self._shape(required[2])
+        if pos != (cfg.num_patches + 1, h):
+            raise GGUFFormatError(f"position embedding has shape {pos}, expected {(cfg.num_patches + 1, h)}")
         if h % cfg.num_attention_heads:
             raise GGUFFormatError(f"hidden size {h} is not a multiple of {cfg.num_attention_heads} heads")
         for act in (cfg.hidden_act, cfg.projector_hidden_act):
@@ -213,6 +217,11 @@ class NumpyVisionEncoder:
     )
 
     # -- weights ------------------------------------------------------------------------------
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if isinstance(self._tensors, GGUFTensors):
+            return self._tensors.shape(name)
+        return tuple(self._tensors[name].shape)
 
     def _weight(self, name: str) -> np.ndarray:
         """A float32 tensor: a view when stored so, else converted (and cached while room is left)."""

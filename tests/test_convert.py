@@ -333,3 +333,21 @@ def test_bf16_source_quantizes_through_bf16(converted) -> None:
     weight = ckpt.model.model.language_model.layers[0].self_attn.v_proj.weight.detach().numpy()
     expected = gguf.quants.quantize(weight.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     np.testing.assert_array_equal(np.asarray(stored.data).reshape(expected.shape), expected)
+
+
+def test_transformers5_save_pretrained_layout(tmp_path: Path, tiny_checkpoint, converted) -> None:
+    """What transformers 5's own save_pretrained writes (its tower keys lack "vision_model.") converts the same."""
+    ckpt = tiny_checkpoint(llava_version="1.6")
+    src = tmp_path / "saved"
+    ckpt.model.save_pretrained(src)
+    for f in ckpt.path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "preprocessor", "processor")):
+            shutil.copy(f, src / f.name)
+    result = convert_checkpoint(src, tmp_path / "out", ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
+    _, reference = converted(("1.6", "llava-hf", "llama", {}))
+    for ours_path, ref_path in ((result.llm, reference.llm), (result.mmproj, reference.mmproj)):
+        ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(ours_path).tensors}
+        ref = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(ref_path).tensors}
+        assert ours.keys() == ref.keys()
+        for name in ref:
+            np.testing.assert_array_equal(ours[name], ref[name])

@@ -101,18 +101,18 @@ def gguf_tensors(model: LlavaForConditionalGeneration, n_blocks: int) -> dict[st
     return out
 
 
-def is_matrix(array: np.ndarray) -> bool:
-    """What the converter stores in f16 / q8_0: the linear weights and the patch conv."""
-    return array.ndim >= 2 and not array.shape[0] == 1 + (IMAGE_SIZE // PATCH_SIZE) ** 2  # not the positions
-
-
 def store(tensors: dict[str, np.ndarray], weights: str) -> dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]]:
-    """Each tensor as written to the GGUF: (array, raw quantization type or None)."""
+    """Each tensor as written to the GGUF: (array, raw quantization type or None).
+
+    Norms, biases and the class embedding stay f32; "f16" stores every other tensor in f16;
+    "q8_0" quantizes the linear weights and keeps the patch conv and positions in f16.
+    """
+    positions = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_POS] + ".weight"
     stored: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]] = {}
     for name, array in tensors.items():
-        if weights == "f32" or not is_matrix(array):
+        if weights == "f32" or array.ndim < 2:
             stored[name] = (array, None)
-        elif weights == "f16" or array.ndim != 2:  # q8_0 rows need a multiple of 32; the conv stays f16
+        elif weights == "f16" or array.ndim != 2 or name == positions:
             stored[name] = (array.astype(np.float16), None)
         else:
             stored[name] = (gguf.quants.quantize(array, Q8_0), Q8_0)
@@ -221,6 +221,7 @@ def test_f16_weights_are_views_and_cache_is_bounded(tmp_path: Path) -> None:
     assert isinstance(tensors, GGUFTensors)
     up = tensors["v.blk.0.ffn_up.weight"]
     assert up.dtype == np.float16 and up.shape == (128, 64) and not up.flags.owndata
+    assert tensors.shape("v.blk.0.ffn_up.weight") == (128, 64)
     assert tensors["v.patch_embd.weight"].shape == (64, 3, PATCH_SIZE, PATCH_SIZE)
 
     tiles = np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
