@@ -31,7 +31,7 @@ from llava_gguf.preprocess import preprocess
 from llava_gguf.sampling import Sampler, SamplingOptions
 from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.templates import Message, Role, Template, render, user_text
-from llava_gguf.vision import NumpyVisionEncoder
+from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class RuntimeOptions:
     cache_dir: Path | None = None
     cache_max_bytes: int = 1 << 30
     template: Template | None = None  # None: the one the GGUF names
+    probe_cache_dir: Path | None = None  # where the libmtmd verdict is kept (default ~/.cache/llava-gguf)
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,16 @@ class LlavaModel:
         llm, mmproj = find_gguf_pair(Path(directory))
         return cls(llm, mmproj, options)
 
-    def _make_encoder(self) -> NumpyVisionEncoder:
-        self.encoder_name = "numpy"
-        return NumpyVisionEncoder.from_gguf(self.mmproj_path)
+    def _make_encoder(self) -> VisionEncoder:
+        encoder, self.encoder_name, self.encoder_reason = choose_encoder(
+            self.options.encoder,
+            self.mmproj_path,
+            self.runtime.model.model,
+            cache_dir=self.options.probe_cache_dir,
+            n_threads=self.options.llama.n_threads,
+            use_gpu=self.options.llama.n_gpu_layers != 0,
+        )
+        return encoder
 
     # ------------------------------------------------------------------ images
 
@@ -299,6 +307,9 @@ class LlavaModel:
         return self.chat().send(question, images, options, on_tile)
 
     def close(self) -> None:
+        close = getattr(self.encoder, "close", None)
+        if close is not None:
+            close()  # libmtmd's context refers to the llama model: free it first
         self.runtime.close()
 
 

@@ -4,7 +4,6 @@ tokenized as the reference does."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from llava_gguf.errors import PromptError
 from llava_gguf.llama import LlamaRuntime
@@ -23,7 +22,7 @@ class ImageSlot:
     n_tokens: int
 
 
-Item = Union[int, ImageSlot]
+Item = int | ImageSlot
 
 
 def tokenize_prompt(

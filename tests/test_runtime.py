@@ -13,7 +13,7 @@ from PIL import Image
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
 from llava_gguf.llama import KVCacheType, LlamaOptions
-from llava_gguf.model import GenerationOptions, LlavaModel, RuntimeOptions
+from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
 from llava_gguf.sampling import SamplingOptions
 from llava_gguf.templates import Message, Role, user_text
 
@@ -24,7 +24,8 @@ CASES = [
     pytest.param(("1.6", "original", "llama"), id="orig-1.6"),
 ]
 GREEDY = GenerationOptions(max_tokens=16, sampling=SamplingOptions(temperature=0.0))
-EXACT = RuntimeOptions(llama=LlamaOptions(kv_cache_type=KVCacheType.F32, flash_attn=False, n_threads=2))
+EXACT = RuntimeOptions(llama=LlamaOptions(kv_cache_type=KVCacheType.F32, flash_attn=False, n_threads=2),
+                       encoder=EncoderChoice.NUMPY)
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
