@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# No network in tests, and no writes to the user's caches: set before anything imports huggingface_hub.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="llava-gguf-tests-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = os.path.join(_CACHE_ROOT, "hf")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_CACHE_ROOT, "xdg")
+os.environ["LLAVA_GGUF_CACHE"] = os.path.join(_CACHE_ROOT, "llava-gguf")
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
