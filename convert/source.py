@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from llava_gguf.errors import CheckpointError
+from llava_gguf.hub import hub_errors
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +43,6 @@ def resolve_source(source: str | Path, *, revision: str | None = None, weights: 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     import huggingface_hub
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    try:
+    with hub_errors(repo_id, CheckpointError, revision=revision):
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except GatedRepoError as e:
-        raise CheckpointError(f"{repo_id} is gated: accept its licence on huggingface.co and set HF_TOKEN") from e
-    except RepositoryNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: no such Hub repo (or it is private: set HF_TOKEN)") from e
-    except RevisionNotFoundError as e:
-        raise CheckpointError(f"{repo_id}: no revision {revision!r}") from e
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{repo_id} is not in the Hugging Face cache and the Hub cannot be reached (offline?); "
-            f"download it once with network, or run `huggingface-cli download {repo_id}`"
-        ) from e
-    except OSError as e:
-        raise CheckpointError(f"{repo_id}: download failed ({e})") from e

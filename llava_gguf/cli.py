@@ -3,22 +3,45 @@ exceptions into messages and exit codes (1 for runtime errors, 2 for usage error
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from llava_gguf.errors import LlavaGGUFError
+from llava_gguf.image import load_image
+from llava_gguf.llama import KVCacheType, LlamaOptions
+from llava_gguf.memory import context_needed, estimate_memory
+from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
+from llava_gguf.paths import features_dir, history_file
+from llava_gguf.repl import ChatLoop, enable_history
+from llava_gguf.sampling import SamplingOptions
+from llava_gguf.sequence import display_ids
+from llava_gguf.sources import MODEL_ENV, ModelFiles, ModelRequest, resolve_model
+from llava_gguf.templates import Template
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 err_console = Console(stderr=True)
 
 
@@ -40,6 +63,10 @@ def reported_errors(state: CLIState) -> Iterator[None]:
         if state.debug:
             raise
         _fail(str(e))
+    except OSError as e:  # a cache or output directory that cannot be written, a full disk
+        if state.debug:
+            raise
+        _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
     except KeyboardInterrupt:
         if state.debug:
             raise
@@ -69,6 +96,19 @@ def _progress(quiet: bool) -> Progress:
         disable=quiet,
         transient=False,
     )
+
+
+def _conversion_progress(progress: Progress) -> Callable[[str, int, int], None]:
+    """A bar per stage for `convert_checkpoint`'s ``progress(description, done, total)``."""
+    tasks: dict[str, Any] = {}
+
+    def on_progress(description: str, done: int, total: int) -> None:
+        stage = description.split(" ")[0] if not description.startswith("quantizing") else description
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return on_progress
 
 
 @main.command()
@@ -104,15 +144,7 @@ def convert(state: CLIState, source: str, out_dir: Path, quant: str, mmproj_type
         revision=revision, threads=threads, name=name,
     )
     with reported_errors(state), _progress(quiet) as progress:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(description: str, done: int, total: int) -> None:
-            stage = description.split(" ")[0] if not description.startswith("quantizing") else description
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
-
-        result = convert_checkpoint(source, out_dir, options, on_progress)
+        result = convert_checkpoint(source, out_dir, options, _conversion_progress(progress))
     if not quiet:
         err_console.print(f"[green]wrote[/] {result.llm}\n[green]wrote[/] {result.mmproj}")
     click.echo(json.dumps({"llm": str(result.llm), "mmproj": str(result.mmproj)}) if quiet else "", nl=quiet)
@@ -152,6 +184,340 @@ def inspect(state: CLIState, file: Path, as_json: bool) -> None:
     if info.get("chat_template"):
         table.add_row("chat_template", f"{len(info['chat_template'])} characters")
     console.print(table)
+
+
+
+# ---------------------------------------------------------------- running a model: ask and chat
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The options `ask` and `chat` share: which model, how it runs, how it samples."""
+
+    model: str | None
+    llm: Path | None
+    mmproj: Path | None
+    quant: str | None
+    revision: str | None
+    n_gpu_layers: int
+    threads: int | None
+    ctx_size: int | None
+    kv_cache_type: str | None
+    flash_attn: str
+    encoder: str
+    temp: float
+    top_p: float
+    top_k: int
+    repeat_penalty: float
+    seed: int | None
+    max_tokens: int
+    template: str | None
+    system: str | None
+    no_cache: bool
+    low_memory: bool
+    quiet: bool
+
+    def model_request(self) -> ModelRequest:
+        return ModelRequest(model=self.model, llm=self.llm, mmproj=self.mmproj, quant=self.quant,
+                            revision=self.revision)
+
+    def runtime_options(self) -> RuntimeOptions:
+        kv = self.kv_cache_type or ("q8_0" if self.low_memory else "f16")
+        llama = LlamaOptions(
+            n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.n_gpu_layers,
+            kv_cache_type=KVCacheType(kv), flash_attn={"auto": None, "on": True, "off": False}[self.flash_attn],
+            use_mmap=True,
+        )
+        return RuntimeOptions(
+            llama=llama, encoder=EncoderChoice(self.encoder),
+            cache_dir=None if self.no_cache else features_dir(),
+            template=Template(self.template) if self.template else None,
+        )
+
+    def generation_options(self) -> GenerationOptions:
+        sampling = SamplingOptions(temperature=self.temp, top_p=self.top_p, top_k=self.top_k,
+                                   repeat_penalty=self.repeat_penalty, seed=self.seed)
+        return GenerationOptions(max_tokens=self.max_tokens, sampling=sampling)
+
+
+_RUN_OPTIONS = [
+    click.option("-m", "--model", envvar=MODEL_ENV, show_envvar=True,
+                 help="A directory with an LLM GGUF and an mmproj GGUF, an LLM .gguf, a Hub repo of GGUF pairs, or a "
+                      "Hugging Face checkpoint (directory or repo id; converted once into the cache)."),
+    click.option("--llm", type=click.Path(dir_okay=False, path_type=Path), help="The LLM GGUF (with --mmproj)."),
+    click.option("--mmproj", type=click.Path(dir_okay=False, path_type=Path), help="The mmproj GGUF (with --llm)."),
+    click.option("--quant", help="LLM file type: which GGUF of a Hub repo, or what to convert a checkpoint to "
+                                 "[default: Q4_K_M]."),
+    click.option("--revision", help="Hub revision (branch, tag or commit) of the model."),
+    click.option("-ngl", "--n-gpu-layers", type=click.IntRange(min=-1), default=0, show_default=True,
+                 help="Layers offloaded to the GPU (-1: all)."),
+    click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads [default: all cores]."),
+    click.option("-c", "--ctx-size", type=click.IntRange(min=16),
+                 help="Context size in tokens [default: what the request needs]."),
+    click.option("--kv-cache-type", type=click.Choice([t.value for t in KVCacheType], case_sensitive=False),
+                 help="KV cache element type [default: f16; q8_0 with --low-memory]."),
+    click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                 help="llama.cpp flash attention."),
+    click.option("--encoder", type=click.Choice([e.value for e in EncoderChoice]), default="auto",
+                 show_default=True, help="Vision encoder implementation."),
+    click.option("--temp", type=click.FloatRange(min=0), default=0.2, show_default=True,
+                 help="Sampling temperature (0: greedy)."),
+    click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
+    click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off."),
+    click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                 help="1: off."),
+    click.option("--seed", type=int, help="Sampling seed."),
+    click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="Longest answer in tokens."),
+    click.option("--template", type=click.Choice([t.value for t in Template]),
+                 help="Conversation template [default: the one the GGUF names]."),
+    click.option("--system", help="System prompt [default: the template's]."),
+    click.option("--no-cache", is_flag=True, help="Do not keep image features on disk across runs."),
+    click.option("--low-memory", is_flag=True, help="q8_0 KV cache, the smallest context that fits, mmap."),
+    click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors."),
+]
+
+
+def run_options(f: F) -> F:
+    """Add the shared options; the command receives them as one ``settings: RunSettings``."""
+    names = [field.name for field in fields(RunSettings)]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        settings = RunSettings(**{name: kwargs.pop(name) for name in names})
+        if settings.llm is not None or settings.mmproj is not None:
+            if (settings.llm is None) != (settings.mmproj is None):
+                raise click.UsageError("give both --llm and --mmproj")
+            if click.get_current_context().get_parameter_source("model") is ParameterSource.COMMANDLINE:
+                raise click.UsageError("give -m or --llm/--mmproj, not both")
+            settings = replace(settings, model=None)  # over LLAVA_GGUF_MODEL
+        return f(*args, settings=settings, **kwargs)
+
+    for option in reversed(_RUN_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _report_memory(files: ModelFiles, settings: RunSettings, n_ctx: int | None) -> None:
+    kv = KVCacheType(settings.runtime_options().llama.kv_cache_type)
+    m = estimate_memory(files.llm, files.mmproj, n_ctx=n_ctx, kv_cache_type=kv)
+    line = (f"memory estimate {_human(m.total)}: weights {_human(m.weights)}, KV cache {_human(m.kv_cache)} "
+            f"({'up to ' if n_ctx is None else ''}{m.n_ctx} positions, {kv.value}), vision encoder {_human(m.vision)}")
+    if m.available is not None:
+        line += f"; {_human(m.available)} available"
+    if settings.n_gpu_layers:
+        line += " (offloaded layers live on the GPU)"
+    if m.fits is False:
+        err_console.print(f"[yellow]warning:[/] {line}; try --low-memory, a smaller --quant or -c",
+                          highlight=False, soft_wrap=True)
+    else:
+        err_console.print(line, style="dim", highlight=False, soft_wrap=True)
+
+
+def _load_model(settings: RunSettings, *, quiet: bool, n_ctx_hint: Callable[[ModelFiles], int | None]) -> LlavaModel:
+    """Find (download, convert) the model, tell what it needs, load it."""
+    request = settings.model_request()
+    if request.model is None and request.llm is None:
+        raise click.UsageError(f"no model: pass -m MODEL (or --llm and --mmproj), or set {MODEL_ENV}")
+
+    def event(message: str) -> None:
+        log.info("%s", message)
+        if not quiet:
+            err_console.print(message, style="dim", highlight=False, soft_wrap=True)
+
+    with _progress(quiet) as progress:
+        files = resolve_model(request, _conversion_progress(progress), event)
+    if not quiet:
+        _report_memory(files, settings, settings.ctx_size or n_ctx_hint(files))
+    return LlavaModel(files.llm, files.mmproj, settings.runtime_options())
+
+
+class TileProgress:
+    """``on_tile(done, total)`` as a bar per image on stderr; ``stop()`` before the answer prints."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.images = 0
+        self.last = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("tiles"), TimeElapsedColumn(), console=err_console)
+            self.progress.start()
+        if self.task is None or done <= self.last:
+            self.images += 1
+            self.task = self.progress.add_task(f"encoding image {self.images}", total=total)
+        self.progress.update(self.task, completed=done, total=total)
+        self.last = done
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+            self.task, self.last = None, 0
+
+
+def _check_images(paths: Sequence[str]) -> list[tuple[int, int]]:
+    """Decode every image now, so a bad one fails before the model loads; their (height, width)."""
+    sizes = []
+    for path in paths:
+        image = load_image(path)
+        sizes.append((image.height, image.width))
+    return sizes
+
+
+@main.command()
+@click.argument("question", nargs=-1)
+@click.option("-i", "--image", "images", multiple=True, help="An image (repeat for several).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: answer, tokens, prompt, prompt_tokens, image token counts, timings.")
+@click.option("--raw", is_flag=True, help="QUESTION is the whole prompt, verbatim; each <image> takes the next image.")
+@run_options
+@click.pass_obj
+def ask(state: CLIState, question: tuple[str, ...], images: tuple[str, ...], as_json: bool, raw: bool,
+        settings: RunSettings) -> None:
+    """Answer one QUESTION about the images, streaming the answer to stdout.
+
+    With no QUESTION, it is read from stdin.
+
+    \b
+    Examples:
+      llava-gguf ask -m models/ -i cat.jpg "What is in this picture?"
+      llava-gguf ask -m llava-hf/llava-1.5-7b-hf -i a.png -i b.png "What differs?"
+      llava-gguf ask --llm m.Q4_K_M.gguf --mmproj m.mmproj-f16.gguf -i cat.jpg --temp 0 --json "Describe it."
+      llava-gguf ask -m models/ -i cat.jpg --raw $'USER: <image>\\nWhat is this? ASSISTANT:'
+    """
+    text = " ".join(question)
+    if not text:
+        if sys.stdin.isatty():
+            raise click.UsageError("give a QUESTION (or pipe it on stdin)")
+        text = sys.stdin.read().strip()
+    if raw and text.count("<image>") != len(images):
+        raise click.UsageError(f"the prompt has {text.count('<image>')} <image> placeholder(s) but "
+                               f"{len(images)} image(s) were given")
+    quiet = settings.quiet or as_json
+    with reported_errors(state):
+        sizes = _check_images(images)
+
+        def n_ctx_hint(files: ModelFiles) -> int | None:
+            return context_needed(files.mmproj, sizes, settings.max_tokens) if not settings.ctx_size else None
+
+        model = _load_model(settings, quiet=quiet, n_ctx_hint=n_ctx_hint)
+        try:
+            chat = model.chat(settings.system)
+            tiles = TileProgress(enabled=not quiet)
+            pieces: list[str] = []
+            try:
+                for piece in chat.send(text, list(images), settings.generation_options(), on_tile=tiles, raw=raw):
+                    tiles.stop()
+                    pieces.append(piece)
+                    if not as_json:
+                        click.echo(piece, nl=False)
+            finally:
+                tiles.stop()
+            if not as_json:
+                click.echo()
+                return
+            t = model.timings
+            click.echo(json.dumps({
+                "answer": "".join(pieces),
+                "tokens": chat.last_tokens,
+                "prompt": chat.last_prompt,
+                "prompt_tokens": display_ids(chat.last_items),
+                "n_prompt_tokens": t.n_prompt_tokens,
+                "n_image_tokens": t.n_image_tokens,
+                "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s},
+                "model": {"llm": str(model.llm_path), "mmproj": str(model.mmproj_path)},
+            }, ensure_ascii=False))
+        finally:
+            model.close()
+
+
+def _stats(model: LlavaModel) -> list[tuple[str, str]]:
+    t = model.timings
+    if not t.n_prompt_tokens:
+        return []
+    rate = f" ({t.n_generated / t.decode_s:.1f} tokens/s)" if t.decode_s > 0 else ""
+    return [
+        ("images encoded", str(t.n_images_encoded)),
+        ("image tokens", ", ".join(map(str, t.n_image_tokens)) or "none"),
+        ("prompt tokens", f"{t.n_prompt_tokens} ({t.n_prefilled} prefilled, the rest reused from the cache)"),
+        ("generated tokens", str(t.n_generated)),
+        ("vision encode", f"{t.vision_encode_s:.3f} s"),
+        ("prefill", f"{t.prefill_s:.3f} s"),
+        ("decode", f"{t.decode_s:.3f} s{rate}"),
+        ("feature cache", f"{model.cache.hits} hits, {model.cache.misses} misses"),
+        ("context", f"{model.runtime.n_ctx} positions"),
+    ]
+
+
+@main.command()
+@click.option("-i", "--image", "images", multiple=True, help="An image for the first message (repeat for several).")
+@run_options
+@click.pass_obj
+def chat(state: CLIState, images: tuple[str, ...], settings: RunSettings) -> None:
+    """Chat about images, interactively; earlier turns stay in the model's cache.
+
+    Type a message and press Enter; end a line with \\ to continue it, or wrap several lines in \"\"\".
+    Commands: /image PATH... attaches images to the next message, /clear starts over, /save FILE writes the
+    transcript (Markdown, or JSON for a .json name), /stats shows timings and tokens, /help, /exit.
+    Ctrl-C stops an answer and keeps the conversation; Ctrl-D leaves.
+
+    \b
+    Examples:
+      llava-gguf chat -m models/ -i cat.jpg
+      llava-gguf chat -m llava-hf/llava-1.5-7b-hf --temp 0 -c 4096
+      LLAVA_GGUF_MODEL=models/ llava-gguf chat --low-memory
+    """
+    console = Console(highlight=False)
+    with reported_errors(state):
+        _check_images(images)
+        model = _load_model(settings, quiet=settings.quiet, n_ctx_hint=lambda files: None)
+    conversation = model.chat(settings.system)
+    options = settings.generation_options()
+
+    def respond(text: str, paths: Sequence[str]) -> Iterator[str]:
+        tiles = TileProgress(enabled=not settings.quiet)
+        stream = conversation.send(text, list(paths), options, on_tile=tiles)
+        try:
+            for piece in stream:
+                tiles.stop()
+                yield piece
+        finally:
+            tiles.stop()
+            stream.close()
+
+    def check_image(path: str) -> None:
+        load_image(Path(path).expanduser())
+
+    save_history = enable_history(history_file()) if sys.stdin.isatty() else (lambda: None)
+    loop = ChatLoop(read_line=input, respond=respond, console=console, on_clear=conversation.clear,
+                    stats=lambda: _stats(model), check_image=check_image, errors=(LlavaGGUFError,),
+                    pending_images=list(images))
+    if not settings.quiet:
+        console.print(f"[dim]{model.llm_path.name} + {model.mmproj_path.name}; /help for commands, "
+                      "Ctrl-D to leave[/]")
+        for path in images:
+            console.print(f"[dim]attached {path}[/]")
+    try:
+        with reported_errors(state):
+            loop.run()
+    finally:
+        save_history()
+        model.close()
 
 
 if __name__ == "__main__":

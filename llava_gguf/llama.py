@@ -4,9 +4,9 @@ token ids and embedding rows (the image features) at explicit positions in one s
 from __future__ import annotations
 
 import ctypes
-import os
 import enum
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +117,7 @@ class LlamaRuntime:
 
     def truncate(self, n_keep: int) -> None:
         """Forget every position from ``n_keep`` on."""
-        if self._ctx is None or n_keep >= self.n_past:
+        if self._ctx is None:
             return
         memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         llama_cpp.llama_memory_seq_rm(memory, 0, n_keep, -1)

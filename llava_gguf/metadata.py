@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gguf
+
 from llava_gguf.errors import GGUFFormatError
 
 FORMAT_VERSION = 1

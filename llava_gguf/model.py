@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import codecs
 import enum
 import hashlib
 import logging
@@ -26,12 +27,12 @@ from llava_gguf.image import ImageSource, image_digest, load_image
 from llava_gguf.info import read_gguf
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
 from llava_gguf.metadata import LlavaKeys, TokenizeMode, VisionSettings
+from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.preprocess import preprocess
 from llava_gguf.sampling import Sampler, SamplingOptions
 from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.templates import Message, Role, Template, render, user_text
-from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
 
 log = logging.getLogger(__name__)
 
@@ -259,30 +260,25 @@ class LlavaModel:
                 token = sampler.sample(self.runtime.last_logits(), history)
                 if self.runtime.is_end_of_generation(token):
                     break
+                self.timings.n_generated += 1
                 yield token
                 history.append(token)
                 self.runtime.decode_tokens([token])
                 self._cached.append(token)
-                self.timings.n_generated += 1
         finally:
             self.timings.decode_s += time.perf_counter() - start
 
     def stream_text(self, items: list[Item], options: GenerationOptions = GenerationOptions(),
                     tokens_out: list[int] | None = None) -> Iterator[str]:
         """Generated text, piece by piece, whole UTF-8 characters only, cut before any stop string."""
-        pending = b""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # bytes split across tokens
         text = ""
         emitted = 0
         longest_stop = max((len(s) for s in options.stop), default=0)
         for token in self.generate(items, options):
             if tokens_out is not None:
                 tokens_out.append(token)
-            pending += self.runtime.token_bytes(token)
-            try:
-                text += pending.decode("utf-8")
-                pending = b""
-            except UnicodeDecodeError:
-                continue
+            text += decoder.decode(self.runtime.token_bytes(token))
             for stop in options.stop:
                 cut = text.find(stop, max(0, emitted - len(stop)))
                 if cut >= 0:
@@ -293,6 +289,7 @@ class LlavaModel:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
+        text += decoder.decode(b"", final=True)
         if len(text) > emitted:
             yield text[emitted:]
 

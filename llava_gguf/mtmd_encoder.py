@@ -40,6 +40,7 @@ from llava_gguf.convert.names import Layout
 from llava_gguf.convert.tensors import TensorRef, TensorStore
 from llava_gguf.errors import ImageError, ModelLoadError
 from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings
+from llava_gguf.paths import cache_root
 from llava_gguf.preprocess import normalize_tile
 from llava_gguf.templates import Template
 from llava_gguf.vision import NumpyVisionEncoder, VisionTowerConfig, open_gguf
@@ -273,7 +274,7 @@ def probe_run_count() -> int:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-gguf"
+    return cache_root()
 
 
 def probe_mtmd(cache_dir: str | os.PathLike[str] | None = None, *, use_cache: bool = True) -> ProbeVerdict:

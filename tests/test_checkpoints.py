@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from checkpoints import IMAGE_TOKEN, SP_VOCAB_SIZE, TinyCheckpoint
 from PIL import Image
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-from checkpoints import IMAGE_TOKEN, SP_VOCAB_SIZE, TinyCheckpoint
 
 COMBOS = [(v, layout, llm) for v in ("1.5", "1.6") for layout in ("llava-hf", "original")
           for llm in ("llama", "mistral")]

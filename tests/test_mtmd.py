@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 import torch
 from checkpoints import TinyCheckpoint
-import llama_cpp
 from llama_cpp import mtmd_cpp
 from PIL import Image
 

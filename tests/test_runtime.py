@@ -202,7 +202,7 @@ def _odd_image(kind: str, path: Path) -> Path:
     if kind == "cmyk.jpg":
         Image.fromarray(rgb).convert("CMYK").save(path)
     elif kind == "16bit.png":
-        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(path)  # mode I;16
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(path)  # mode I;16
     elif kind == "alpha.png":
         Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (48, 72), dtype=np.uint8)])).save(path)
     elif kind == "animated.gif":

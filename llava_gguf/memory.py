@@ -1,0 +1,88 @@
+"""What running a model needs in memory, against what the machine has, before anything loads."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from llava_gguf.info import read_gguf
+from llava_gguf.llama import KVCacheType
+from llava_gguf.metadata import GGUFFields, VisionSettings
+from llava_gguf.packing import count_image_tokens
+
+_KV_BYTES = {KVCacheType.F32: 4.0, KVCacheType.F16: 2.0, KVCacheType.Q8_0: 34 / 32, KVCacheType.Q4_0: 18 / 32}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int  # both GGUF files
+    kv_cache: int
+    vision: int  # the vision encoder's working set beyond its file: float32 copies, activations
+    n_ctx: int
+    available: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.vision
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.available is None else self.total <= self.available
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now: MemAvailable on Linux, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def context_needed(mmproj: Path, image_sizes_hw: Sequence[tuple[int, int]], max_tokens: int,
+                   text_tokens: int = 256) -> int:
+    """Positions a one-shot request needs: its images' tokens, some text and the answer."""
+    settings = VisionSettings.read(read_gguf(mmproj))
+    return sum(count_image_tokens(size, settings) for size in image_sizes_hw) + text_tokens + max_tokens
+
+
+def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_cache_type: KVCacheType,
+                    n_tiles: int = 5) -> MemoryEstimate:
+    """What loading and running the pair needs. ``n_ctx=None``: the model's trained context."""
+    llm = GGUFFields(read_gguf(llm_path))
+    arch = llm.get(gguf.Keys.General.ARCHITECTURE)
+    key = lambda k: k.format(arch=arch)  # noqa: E731
+    n_layer = int(llm.get(key(gguf.Keys.LLM.BLOCK_COUNT)) or 0)
+    n_embd = int(llm.get(key(gguf.Keys.LLM.EMBEDDING_LENGTH)) or 0)
+    n_head = int(llm.get(key(gguf.Keys.Attention.HEAD_COUNT)) or 1)
+    n_head_kv = int(llm.get(key(gguf.Keys.Attention.HEAD_COUNT_KV)) or n_head)
+    ctx = min(n_ctx, int(llm.get(key(gguf.Keys.LLM.CONTEXT_LENGTH)) or n_ctx)) if n_ctx else int(
+        llm.get(key(gguf.Keys.LLM.CONTEXT_LENGTH)) or 4096)
+    n_embd_kv = n_embd * n_head_kv // n_head
+    kv = int(2 * n_layer * ctx * n_embd_kv * _KV_BYTES[kv_cache_type])
+
+    reader = read_gguf(mmproj_path)
+    clip = GGUFFields(reader)
+    elements = sum(int(t.n_elements) for t in reader.tensors)
+    stored = sum(int(t.n_bytes) for t in reader.tensors)
+    upcast = max(0, elements * 4 - stored)  # the numpy encoder computes in float32
+    side = int(clip.get(gguf.Keys.ClipVision.IMAGE_SIZE) or 336) // int(clip.get(gguf.Keys.ClipVision.PATCH_SIZE) or 14)
+    tokens = side * side + 1
+    hidden = int(clip.get(gguf.Keys.ClipVision.EMBEDDING_LENGTH) or 1024)
+    ffn = int(clip.get(gguf.Keys.ClipVision.FEED_FORWARD_LENGTH) or 4 * hidden)
+    heads = int(clip.get(gguf.Keys.ClipVision.Attention.HEAD_COUNT) or 16)
+    # per tile: attention scores [heads, T, T], the MLP's [T, ffn] twice, a few [T, hidden]
+    activations = 4 * (heads * tokens * tokens + 2 * tokens * ffn + 8 * tokens * hidden)
+    outputs = 4 * n_tiles * tokens * n_embd  # projected features of every tile
+    weights = llm_path.stat().st_size + mmproj_path.stat().st_size
+    return MemoryEstimate(weights, kv, upcast + activations + outputs, ctx, available_memory())

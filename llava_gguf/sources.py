@@ -1,0 +1,283 @@
+"""Where a model comes from, and what running it needs.
+
+``resolve_model`` turns what a user names into an LLM GGUF and an mmproj GGUF on disk:
+
+- ``--llm FILE --mmproj FILE``: those two files;
+- a directory holding one LLM GGUF and one mmproj GGUF (or an LLM ``.gguf`` with its mmproj beside it);
+- a Hub repo of pre-converted GGUF pairs: the LLM quant picked by ``quant``, the mmproj by a name holding
+  "mmproj", both downloaded with ``hf_hub_download`` into the Hugging Face cache;
+- a Hugging Face checkpoint (a directory or Hub repo with ``config.json``): converted once into
+  ``<cache>/models/<name>-<key>/``, keyed by source, revision and quant, and reused after.
+
+``<cache>`` is ``$LLAVA_GGUF_CACHE``, else ``$XDG_CACHE_HOME/llava-gguf``, else ``~/.cache/llava-gguf``.
+Offline (``HF_HUB_OFFLINE=1`` or the Hub unreachable) only cached files are used; the error says what is
+missing and how to get it. Nothing here prints: progress goes through callbacks, failures raise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_gguf.convert.source import is_repo_id
+from llava_gguf.errors import ModelLoadError
+from llava_gguf.hub import how_to_get, hub_errors
+from llava_gguf.model import find_gguf_pair
+from llava_gguf.paths import models_dir
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "LLAVA_GGUF_MODEL"
+DEFAULT_QUANT = "Q4_K_M"
+DEFAULT_MMPROJ_TYPE = "f16"
+_TRUE = {"1", "on", "yes", "true"}
+
+# (description, done, total): conversion progress, as `convert_checkpoint` reports it
+ProgressCallback = Callable[[str, int, int], None]
+EventCallback = Callable[[str], None]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+# ---------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What the user named. ``quant``: the LLM file type to pick (Hub GGUF repos) or convert to."""
+
+    model: str | None = None
+    llm: Path | None = None
+    mmproj: Path | None = None
+    quant: str | None = None
+    mmproj_type: str = DEFAULT_MMPROJ_TYPE
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    llm: Path
+    mmproj: Path
+    origin: str  # where they came from, in words
+    converted: bool = False  # converted by this call
+
+
+def resolve_model(request: ModelRequest, progress: ProgressCallback | None = None,
+                  on_event: EventCallback | None = None) -> ModelFiles:
+    """The GGUF pair for ``request``, downloading or converting (once) what is needed."""
+    event = on_event or (lambda message: None)
+    if request.llm is not None or request.mmproj is not None:
+        if request.llm is None or request.mmproj is None:
+            raise ModelLoadError("give both --llm and --mmproj, or neither")
+        for path in (request.llm, request.mmproj):
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: no such file")
+        return ModelFiles(request.llm, request.mmproj, "files")
+    if not request.model:
+        raise ModelLoadError(f"no model: pass -m (a directory, GGUF file or Hub repo id) or set {MODEL_ENV}")
+    path = Path(request.model).expanduser()
+    if path.is_file():
+        return _gguf_file(path)
+    if path.is_dir():
+        if any(path.glob("*.gguf")):
+            llm, mmproj = _pick_local_pair(path, request.quant)
+            return ModelFiles(llm, mmproj, str(path))
+        if (path / "config.json").is_file():
+            return _converted(str(path.resolve()), _local_fingerprint(path), request, progress, event)
+        raise ModelLoadError(f"{path}: holds neither GGUF files nor a Hugging Face checkpoint (config.json)")
+    if is_repo_id(request.model):
+        return _from_hub(request.model, request, progress, event)
+    raise ModelLoadError(f"{request.model}: no such file or directory, and not a Hub repo id (owner/name)")
+
+
+def _gguf_file(path: Path) -> ModelFiles:
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: not a .gguf file; give a directory, a GGUF file or a Hub repo id")
+    if "mmproj" in path.name:
+        raise ModelLoadError(f"{path} is an mmproj; give the LLM GGUF (or the directory, or --llm and --mmproj)")
+    mmproj = sorted(p for p in path.parent.glob("*.gguf") if "mmproj" in p.name)
+    if len(mmproj) != 1:
+        raise ModelLoadError(f"{path.parent}: expected one mmproj GGUF beside {path.name}, found {len(mmproj)}; "
+                             "pass --llm and --mmproj")
+    return ModelFiles(path, mmproj[0], str(path))
+
+
+def _pick_local_pair(directory: Path, quant: str | None) -> tuple[Path, Path]:
+    if quant is None:
+        return find_gguf_pair(directory)
+    names = [p.name for p in sorted(directory.glob("*.gguf"))]
+    llm, mmproj = pick_gguf_files(names, quant, str(directory))
+    return directory / llm, directory / mmproj
+
+
+def pick_gguf_files(names: Sequence[str], quant: str | None, where: str) -> tuple[str, str]:
+    """The LLM (matching ``quant``) and the mmproj among GGUF file names."""
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    mmprojs = sorted(n for n in ggufs if "mmproj" in n.lower())
+    llms = sorted(n for n in ggufs if n not in mmprojs)
+    if not llms or not mmprojs:
+        raise ModelLoadError(f"{where}: expected LLM and mmproj GGUF files, found {len(llms)} and {len(mmprojs)}")
+    if quant is not None:
+        wanted = quant.lower().replace("-", "_")
+        matching = [n for n in llms if wanted in n.lower().replace("-", "_")]
+        exact = [n for n in matching if re.search(rf"(^|[._\-]){re.escape(wanted)}([._\-]|$)", n.lower().replace("-", "_"))]
+        matching = exact or matching
+        if len(matching) != 1:
+            found = "none" if not matching else ", ".join(matching)
+            raise ModelLoadError(f"{where}: {len(matching)} LLM file(s) match --quant {quant} ({found}); "
+                                 f"available: {', '.join(llms)}")
+        llm = matching[0]
+    elif len(llms) == 1:
+        llm = llms[0]
+    else:
+        default = [n for n in llms if DEFAULT_QUANT.lower() in n.lower()]
+        if len(default) != 1:
+            raise ModelLoadError(f"{where} holds several LLM files ({', '.join(llms)}); pick one with --quant")
+        llm = default[0]
+    preferred = [n for n in mmprojs if "f16" in n.lower()]
+    return llm, (preferred or mmprojs)[0]
+
+
+# ---------------------------------------------------------------- conversion cache
+
+
+def conversion_dir(source: str, fingerprint: str, revision: str | None, quant: str, mmproj_type: str) -> Path:
+    """Where a checkpoint converted with these settings lives in the cache."""
+    key = json.dumps([source, fingerprint, revision or "main", quant, mmproj_type])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = re.sub(r"[^\w.\-]+", "_", source.rstrip("/").split("/")[-1]) or "model"
+    return models_dir() / f"{name}-{quant}-{digest}"
+
+
+def _local_fingerprint(path: Path) -> str:
+    """Changes when the checkpoint's files do, so an edited checkpoint is converted again."""
+    entries = []
+    for file in sorted(path.iterdir()):
+        if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".model"}:
+            stat = file.stat()
+            entries.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def _convert_options(request: ModelRequest) -> tuple[str, str]:
+    from llava_gguf.convert import MmprojType, Quant
+
+    quant = (request.quant or DEFAULT_QUANT).upper()
+    if quant not in {q.value for q in Quant}:
+        raise ModelLoadError(f"cannot convert to --quant {request.quant}; choose one of {', '.join(q.value for q in Quant)}")
+    mmproj_type = request.mmproj_type.lower()
+    if mmproj_type not in {m.value for m in MmprojType}:
+        raise ModelLoadError(f"unknown mmproj type {request.mmproj_type}")
+    return quant, mmproj_type
+
+
+def _cached_conversion(out: Path) -> tuple[Path, Path] | None:
+    if not out.is_dir():
+        return None
+    try:
+        return find_gguf_pair(out)
+    except ModelLoadError:
+        return None
+
+
+def _converted(source: str, fingerprint: str, request: ModelRequest, progress: ProgressCallback | None,
+               event: EventCallback, local_source: Path | None = None) -> ModelFiles:
+    from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+
+    quant, mmproj_type = _convert_options(request)
+    out = conversion_dir(source, fingerprint, request.revision, quant, mmproj_type)
+    cached = _cached_conversion(out)
+    if cached is not None:
+        event(f"using the converted model in {out}")
+        return ModelFiles(*cached, origin=source)
+    event(f"converting {source} ({quant}) into {out}; this happens once")
+    options = ConvertOptions(quant=Quant(quant), mmproj_type=MmprojType(mmproj_type), revision=request.revision,
+                             name=source.rstrip("/").split("/")[-1])
+    result = convert_checkpoint(local_source or source, out, options, progress)
+    (out / "source.json").write_text(json.dumps(
+        {"source": source, "revision": request.revision, "quant": quant, "mmproj_type": mmproj_type}, indent=2))
+    return ModelFiles(result.llm, result.mmproj, origin=source, converted=True)
+
+
+# ---------------------------------------------------------------- the Hub
+
+
+def _from_hub(repo_id: str, request: ModelRequest, progress: ProgressCallback | None,
+              event: EventCallback) -> ModelFiles:
+    # A checkpoint converted earlier needs no Hub at all.
+    quant, mmproj_type = _convert_options(request) if _convertible(request.quant) else (None, None)
+    if quant is not None and mmproj_type is not None:
+        out = conversion_dir(repo_id, "", request.revision, quant, mmproj_type)
+        cached = _cached_conversion(out)
+        if cached is not None:
+            event(f"using the converted model in {out}")
+            return ModelFiles(*cached, origin=repo_id)
+    offline = hub_offline()
+    files, snapshot = _list_repo(repo_id, request.revision, offline)
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    if ggufs:
+        llm, mmproj = pick_gguf_files(ggufs, request.quant, repo_id)
+        event(f"using {llm} and {mmproj} from {repo_id}")
+        return ModelFiles(_download(repo_id, llm, request.revision, offline),
+                          _download(repo_id, mmproj, request.revision, offline), origin=repo_id)
+    if "config.json" in files:
+        # offline: convert from the cached snapshot (convert_checkpoint would ask the Hub)
+        return _converted(repo_id, "", request, progress, event, local_source=snapshot if offline else None)
+    raise ModelLoadError(f"{repo_id}: holds neither GGUF files nor a Hugging Face checkpoint (config.json)")
+
+
+def _convertible(quant: str | None) -> bool:
+    from llava_gguf.convert import Quant
+
+    return quant is None or quant.upper() in {q.value for q in Quant}
+
+
+def _list_repo(repo_id: str, revision: str | None, offline: bool) -> tuple[list[str], Path | None]:
+    """The repo's file names (from the Hub, or from the cached snapshot when offline)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if not offline:
+        try:
+            with hub_errors(repo_id, ModelLoadError, revision=revision):
+                return huggingface_hub.list_repo_files(repo_id, revision=revision), None
+        except ModelLoadError as e:
+            if isinstance(e.__cause__, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError)):
+                raise
+            log.info("the Hub cannot be reached (%s); looking in the cache", e)
+        except Exception as e:  # noqa: BLE001  network failures come in many types (httpx, HfHubHTTPError)
+            log.info("the Hub cannot be reached (%s); looking in the cache", e)
+    snapshot = _cached_snapshot(repo_id, revision)
+    if snapshot is None:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise ModelLoadError(f"{repo_id} is not in the Hugging Face cache and {why}; {how_to_get(repo_id)}")
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    return files, snapshot
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _download(repo_id: str, filename: str, revision: str | None, offline: bool) -> Path:
+    import huggingface_hub
+
+    with hub_errors(repo_id, ModelLoadError, revision=revision, filename=filename):
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
