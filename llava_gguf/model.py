@@ -226,21 +226,29 @@ class LlavaModel:
         self.runtime.truncate(sequence_length(items[:keep]))
         self._cached = items[:keep]
         start = time.perf_counter()
-        pending: list[int] = []
-        for item in items[keep:]:
-            if isinstance(item, ImageSlot):
-                if pending:
-                    self.runtime.decode_tokens(pending)
-                    pending = []
-                self.runtime.decode_embeddings(self._features[item.key])
-            else:
-                pending.append(item)
-            self._cached.append(item)
-        if pending:
-            self.runtime.decode_tokens(pending)
+        try:
+            self._decode_items(items[keep:])
+        except BaseException:
+            self._cached = []  # an interrupted decode leaves the cache unknown: the next prefill starts over
+            raise
+        self._cached = list(items)
         self.timings.prefill_s += time.perf_counter() - start
         self.timings.n_prompt_tokens = sequence_length(items)
         self.timings.n_prefilled = sequence_length(items[keep:])
+
+    def _decode_items(self, items: list[Item]) -> None:
+        """Decode runs of text tokens as one batch each, and each image's features as embeddings."""
+        tokens: list[int] = []
+        for item in items:
+            if isinstance(item, ImageSlot):
+                if tokens:
+                    self.runtime.decode_tokens(tokens)
+                    tokens = []
+                self.runtime.decode_embeddings(self._features[item.key])
+            else:
+                tokens.append(item)
+        if tokens:
+            self.runtime.decode_tokens(tokens)
 
     def prompt_logits(self, prompt: str, images: Sequence[ImageSource] = ()) -> np.ndarray:
         """Final-position logits ``[n_vocab]`` of a raw prompt with one ``<image>`` per image."""
