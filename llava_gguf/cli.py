@@ -232,6 +232,8 @@ class RunSettings:
             llama=llama, encoder=EncoderChoice(self.encoder),
             cache_dir=None if self.no_cache else features_dir(),
             template=Template(self.template) if self.template else None,
+            # low memory: no float32 copies of the vision weights kept between tiles
+            **({"vision_weight_cache_bytes": 0} if self.low_memory else {}),
         )
 
     def generation_options(self) -> GenerationOptions:
@@ -337,7 +339,10 @@ def _load_model(settings: RunSettings, *, quiet: bool, n_ctx_hint: Callable[[Mod
         files = resolve_model(request, _conversion_progress(progress), event)
     if not quiet:
         _report_memory(files, settings, settings.ctx_size or n_ctx_hint(files))
-    return LlavaModel(files.llm, files.mmproj, settings.runtime_options())
+    model = LlavaModel(files.llm, files.mmproj, settings.runtime_options())
+    if not quiet:
+        event(model.encoder_reason)  # once, in one line: which vision encoder, and why
+    return model
 
 
 class TileProgress:

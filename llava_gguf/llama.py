@@ -31,6 +31,10 @@ class KVCacheType(str, enum.Enum):
     def ggml_type(self) -> int:
         return int(getattr(llama_cpp, f"GGML_TYPE_{self.name}"))
 
+    @property
+    def quantized(self) -> bool:
+        return self in (KVCacheType.Q8_0, KVCacheType.Q4_0)
+
 
 @dataclass(frozen=True)
 class LlamaOptions:
@@ -66,6 +70,7 @@ class LlamaRuntime:
         self.n_embd = self.model.n_embd()
         self.n_ctx_train = self.model.n_ctx_train()
         self._ctx: _internals.LlamaContext | None = None
+        self._batches: dict[str, llama_cpp.llama_batch] = {}
         self.n_past = 0
 
     # ------------------------------------------------------------------ context
@@ -97,22 +102,28 @@ class LlamaRuntime:
             self._ctx.close()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = size
-        params.n_batch = min(self.options.n_batch, size)
-        params.n_ubatch = min(self.options.n_batch, size)
+        params.n_batch = self.options.n_batch
+        params.n_ubatch = self.options.n_batch
         threads = self.options.n_threads or os.cpu_count() or 2
         params.n_threads = threads
         params.n_threads_batch = threads
         params.type_k = self.options.kv_cache_type.ggml_type
         params.type_v = self.options.kv_cache_type.ggml_type
+        flash_attn = self.options.flash_attn
+        if flash_attn is None and self.options.kv_cache_type.quantized:
+            flash_attn = True  # llama.cpp quantizes the V cache only with flash attention
+        if flash_attn is False and self.options.kv_cache_type.quantized:
+            raise ModelLoadError(f"a {self.options.kv_cache_type.value} KV cache needs flash attention; turn it on")
         params.flash_attn_type = {
             None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[self.options.flash_attn]
+        }[flash_attn]
         try:
             self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
         except (ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"llama.cpp could not create a {size}-token context ({e})") from e
+            hint = f"; try --kv-cache-type f16 (a {self.options.kv_cache_type.value} cache needs head sizes that are multiples of 32)" if self.options.kv_cache_type.quantized else ""
+            raise ModelLoadError(f"llama.cpp could not create a {size}-token context ({e}){hint}") from e
         self.n_past = 0
 
     def truncate(self, n_keep: int) -> None:
@@ -161,21 +172,30 @@ class LlamaRuntime:
                 "start over (/clear) or raise the context size"
             )
 
+    def _batch(self, embd: bool) -> llama_cpp.llama_batch:
+        """One reusable batch of ``n_batch`` positions, for token ids or embedding rows."""
+        key = "embd" if embd else "tokens"
+        if key not in self._batches:
+            self._batches[key] = llama_cpp.llama_batch_init(self.options.n_batch, self.n_embd if embd else 0, 1)
+        return self._batches[key]
+
+    def _free_batches(self) -> None:
+        for batch in self._batches.values():
+            llama_cpp.llama_batch_free(batch)
+        self._batches = {}
+
     def decode_tokens(self, tokens: list[int]) -> None:
         """Append ``tokens``; the logits of the last one become available."""
         self._require_room(len(tokens))
+        batch = self._batch(embd=False)
         n_batch = self.options.n_batch
         for start in range(0, len(tokens), n_batch):
             chunk = tokens[start : start + n_batch]
-            batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
-            try:
-                for i, token in enumerate(chunk):
-                    batch.token[i] = token
-                    self._set_position(batch, i, self.n_past + i, last=start + i == len(tokens) - 1)
-                batch.n_tokens = len(chunk)
-                self._decode(batch)
-            finally:
-                llama_cpp.llama_batch_free(batch)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                self._set_position(batch, i, self.n_past + i, last=start + i == len(tokens) - 1)
+            batch.n_tokens = len(chunk)
+            self._decode(batch)
             self.n_past += len(chunk)
 
     def decode_embeddings(self, embeddings: np.ndarray) -> None:
@@ -187,18 +207,15 @@ class LlamaRuntime:
             )
         self._require_room(len(embeddings))
         data = np.ascontiguousarray(embeddings, dtype=np.float32)
+        batch = self._batch(embd=True)
         n_batch = self.options.n_batch
         for start in range(0, len(data), n_batch):
-            chunk = data[start : start + n_batch]
-            batch = llama_cpp.llama_batch_init(len(chunk), self.n_embd, 1)
-            try:
-                ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-                for i in range(len(chunk)):
-                    self._set_position(batch, i, self.n_past + i, last=start + i == len(data) - 1)
-                batch.n_tokens = len(chunk)
-                self._decode(batch)
-            finally:
-                llama_cpp.llama_batch_free(batch)
+            chunk = data[start : start + n_batch]  # [<= n_batch, n_embd]
+            ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+            for i in range(len(chunk)):
+                self._set_position(batch, i, self.n_past + i, last=start + i == len(data) - 1)
+            batch.n_tokens = len(chunk)
+            self._decode(batch)
             self.n_past += len(chunk)
 
     @staticmethod
@@ -221,6 +238,7 @@ class LlamaRuntime:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def close(self) -> None:
+        self._free_batches()
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None

@@ -28,6 +28,7 @@ from llava_gguf.info import read_gguf
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
 from llava_gguf.metadata import LlavaKeys, TokenizeMode, VisionSettings
 from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
+from llava_gguf.vision import DEFAULT_CACHE_BYTES
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.preprocess import preprocess
 from llava_gguf.sampling import Sampler, SamplingOptions
@@ -53,6 +54,7 @@ class RuntimeOptions:
     cache_max_bytes: int = 1 << 30
     template: Template | None = None  # None: the one the GGUF names
     probe_cache_dir: Path | None = None  # where the libmtmd verdict is kept (default ~/.cache/llava-gguf)
+    vision_weight_cache_bytes: int = DEFAULT_CACHE_BYTES  # f32 copies of f16 vision weights kept between tiles
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class LlavaModel:
             cache_dir=self.options.probe_cache_dir,
             n_threads=self.options.llama.n_threads,
             use_gpu=self.options.llama.n_gpu_layers != 0,
+            numpy_cache_bytes=self.options.vision_weight_cache_bytes,
         )
         return encoder
 

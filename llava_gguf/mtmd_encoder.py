@@ -43,7 +43,7 @@ from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionS
 from llava_gguf.paths import cache_root
 from llava_gguf.preprocess import normalize_tile
 from llava_gguf.templates import Template
-from llava_gguf.vision import NumpyVisionEncoder, VisionTowerConfig, open_gguf
+from llava_gguf.vision import DEFAULT_CACHE_BYTES, NumpyVisionEncoder, VisionTowerConfig, open_gguf
 
 log = logging.getLogger(__name__)
 
@@ -523,6 +523,7 @@ def choose_encoder(
     cache_dir: str | os.PathLike[str] | None = None,
     n_threads: int | None = None,
     use_gpu: bool = False,
+    numpy_cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> tuple[VisionEncoder, str, str]:
     """``choice`` "auto" | "numpy" | "mtmd" (or ``model.EncoderChoice``) -> (encoder, name, reason).
 
@@ -532,7 +533,7 @@ def choose_encoder(
     """
     choice = str(getattr(choice, "value", choice))
     if choice == "numpy":
-        return NumpyVisionEncoder.from_gguf(mmproj_path), "numpy", "asked for the NumPy encoder"
+        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes), "numpy", "asked for the NumPy encoder"
     if choice not in ("auto", "mtmd"):
         raise ValueError(f"encoder choice must be 'auto', 'numpy' or 'mtmd', got {choice!r}")
     verdict = probe_mtmd(cache_dir)
@@ -546,13 +547,13 @@ def choose_encoder(
     if not verdict.ok:
         reason = f"using the exact NumPy vision encoder: {verdict.reason}"
         log.info("%s", reason)
-        return NumpyVisionEncoder.from_gguf(mmproj_path), "numpy", reason
+        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes), "numpy", reason
     try:
         encoder = MtmdVisionEncoder(mmproj_path, llm_model, n_threads=n_threads, use_gpu=use_gpu)
     except ModelLoadError as e:
         reason = f"using the exact NumPy vision encoder: {e}"
         log.info("%s", reason)
-        return NumpyVisionEncoder.from_gguf(mmproj_path), "numpy", reason
+        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes), "numpy", reason
     reason = f"using libmtmd for images: {verdict.reason}"
     log.info("%s", reason)
     return encoder, "mtmd", reason

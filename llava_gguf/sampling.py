@@ -27,6 +27,8 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: list[int]) -> int:
         o = self.options
+        if o.temperature <= 0 and o.repeat_penalty == 1.0:
+            return int(np.argmax(logits))  # greedy: no copy
         logits = logits.astype(np.float64, copy=True)
         if o.repeat_penalty != 1.0 and history:
             recent = np.unique(np.asarray(history[-o.repeat_last_n :], dtype=np.int64))
