@@ -1,0 +1,410 @@
+"""Benchmark llava-gguf against the stock llama-cpp-python LLaVA handlers and transformers.
+
+    python benchmarks/bench.py                      # the ~1B shape, 3 runs per figure
+    python benchmarks/bench.py --shape 7b --runs 1  # Vicuna-7B shape (13.5 GB of f16 weights on disk)
+    python benchmarks/bench.py --quick --json       # tiny shape, 1 run, raw figures as JSON
+
+Synthetic checkpoints at real shapes (random weights: the speed is real, the answers are not)
+are built and converted once under --workdir and reused. Each runner (the converter, our
+runtime, the stock handlers, transformers) runs in its own subprocess so its peak RSS is its
+own. Every time is the median of --runs runs after a warm-up. Targets are reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import runners
+import synth
+from runners import median
+
+QUESTION = "What is in this image? Describe it briefly."
+TG_PROMPT = "USER: Write a long story about a cat. ASSISTANT:"
+E2E_SIZE = (640, 480)  # (width, height)
+SIZES16 = [(336, 336), (672, 672), (1000, 700)]
+MB = 1 << 20
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1),
+            "available_gb": round(_available_bytes() / 2**30, 1), "platform": platform.platform()}
+
+
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("llama-cpp-python", "transformers", "torch", "numpy", "gguf"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def copy_bandwidth(nbytes: int, runs: int = 5, threads: int | None = None) -> float:
+    """Bytes/s of a copy on every core (read + write counted, as STREAM's Copy), median of ``runs``.
+
+    One NumPy copy runs on one core and understates what a multi-threaded decode can read, so
+    each thread copies its own slice (NumPy releases the GIL while copying).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or os.cpu_count() or 1
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, len(src), threads + 1, dtype=np.int64)
+    slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(threads) as pool:
+        def copy() -> None:
+            list(pool.map(lambda sl: np.copyto(dst[sl], src[sl]), slices))
+
+        copy()
+        times = runners.timed(copy, runs)
+    return 2 * src.nbytes / median(times)
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+@dataclass
+class Child:
+    result: dict[str, Any]
+    max_rss_bytes: int
+    wall_s: float
+
+
+def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
+    """Run ``worker`` in a fresh interpreter; its own peak RSS comes from wait4's rusage."""
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        with open(logs / f"{worker}.log", "w") as log:
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", worker, "--spec", str(spec_path),
+                                     "--out", str(out_path)], stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 or not out_path.exists():
+            tail = (logs / f"{worker}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"worker {worker} exited with {code}:\n{tail}")
+        result = json.loads(out_path.read_text())
+        # ru_maxrss would include the parent's RSS at fork time (Linux copies the high-water mark);
+        # the worker's own VmHWM counts only after exec.
+        return Child(result, result.pop("vm_hwm_bytes", None) or usage.ru_maxrss * 1024, wall)
+
+
+def vm_hwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def worker_main(name: str, spec_path: Path, out_path: Path) -> None:
+    result = runners.WORKERS[name](json.loads(spec_path.read_text()))
+    out_path.write_text(json.dumps({**result, "vm_hwm_bytes": vm_hwm_bytes()}))
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def convert_all(ckpts: synth.Checkpoints, workdir: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Convert (or reuse) both checkpoints; returns per-version paths and convert figures."""
+    out: dict[str, dict[str, Any]] = {}
+    for version, source in (("1.5", ckpts.llava15), ("1.6", ckpts.llava16)):
+        dest = workdir / "gguf" / source.name
+        record = dest / "convert.json"
+        if record.exists() and not args.reconvert:
+            out[version] = json.loads(record.read_text())
+            continue
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        child = run_child("convert", {"source": str(source), "out_dir": str(dest), "quant": args.quant,
+                                      "mmproj_type": "f16", "threads": args.threads}, workdir)
+        out[version] = {**child.result, "max_rss_bytes": child.max_rss_bytes,
+                        "checkpoint_bytes": ckpts.size_bytes, "largest_tensor_bytes": ckpts.largest_tensor_bytes,
+                        "largest_tensor": ckpts.largest_tensor}
+        record.write_text(json.dumps(out[version], indent=2))
+    return out
+
+
+def llm_stats(path: Path) -> dict[str, Any]:
+    """Bytes a decode step reads (weights without the token embedding, which is only gathered)
+    and the KV bytes per position for an f16 cache."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    weights = sum(int(t.n_bytes) for t in reader.tensors if not t.name.startswith("token_embd"))
+    arch = str(reader.fields["general.architecture"].contents())
+
+    def field(key: str) -> int:
+        return int(reader.fields[f"{arch}.{key}"].contents())
+
+    n_layer, n_embd = field("block_count"), field("embedding_length")
+    n_head, n_head_kv = field("attention.head_count"), field("attention.head_count_kv")
+    kv_per_pos = 2 * n_layer * n_head_kv * (n_embd // n_head) * 2  # K and V, f16
+    return {"weights_bytes": weights, "file_bytes": path.stat().st_size, "kv_bytes_per_position": kv_per_pos}
+
+
+def image_token_counts(mmproj: Path, sizes_wh: list[tuple[int, int]]) -> list[int]:
+    from llava_gguf.info import read_gguf
+    from llava_gguf.metadata import VisionSettings
+    from llava_gguf.packing import count_image_tokens
+
+    settings = VisionSettings.read(read_gguf(mmproj))
+    return [count_image_tokens((h, w), settings) for w, h in sizes_wh]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def rate(n: float, seconds: list[float]) -> float:
+    return n / median(seconds)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def summarize(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows: figure, unit, ours, peer, peer name, ours/peer, target and a note."""
+    rows: list[dict[str, Any]] = []
+
+    def row(figure: str, unit: str, ours: float | None, peer: float | None, peer_name: str, target: str = "",
+            note: str = "") -> None:
+        rows.append({"figure": figure, "unit": unit, "ours": ours, "peer": peer, "peer_name": peer_name,
+                     "ratio": ratio(ours, peer), "target": target, "note": note})
+
+    for version, c in raw["convert"].items():
+        limit = 1.5 * c["largest_tensor_bytes"] + 300 * MB
+        row(f"convert {version} wall", "s", c["wall_s"], None, "",
+            note=f"checkpoint {c['checkpoint_bytes'] / 2**30:.2f} GiB f16")
+        row(f"convert {version} peak RSS", "MiB", c["max_rss_bytes"] / MB, limit / MB, "1.5x largest+300MB",
+            "<= 1.0", f"largest tensor {c['largest_tensor']} {c['largest_tensor_bytes'] / MB:.0f} MiB")
+    ours, stock, hf = raw["ours"], raw["stock"], raw.get("transformers")
+    row("vision", "s/tile", median(ours["vision_tile_s"]), median(stock["vision_tile_s"]), "libmtmd",
+        note="ours: NumPy float32 exact encoder")
+    o15, s15 = ours["ttft_15"], stock["ttft_15"]
+    row("TTFT 1.5 640x480", "s", median([r["wall_s"] for r in o15]), median([r["wall_s"] for r in s15]),
+        "Llava15ChatHandler",
+        note=f"vision {median([r['vision_s'] for r in o15]):.2f}s + prefill {median([r['prefill_s'] for r in o15]):.2f}s")
+    row("image tokens 1.5 640x480", "tokens", o15[0]["n_image_tokens"], s15[0]["n_image_tokens"], "libmtmd")
+    for size, o in ours["ttft_16"].items():
+        s = stock["ttft_16"][size]
+        row(f"TTFT 1.6 {size}", "s", median([r["wall_s"] for r in o]), median([r["wall_s"] for r in s]),
+            "Llava16ChatHandler", "<= 0.8",
+            f"vision {median([r['vision_s'] for r in o]):.2f}s + prefill {median([r['prefill_s'] for r in o]):.2f}s")
+        row(f"image tokens 1.6 {size}", "tokens", o[0]["n_image_tokens"], s[0]["n_image_tokens"], "libmtmd")
+    for n, times in ours["pp"].items():
+        row(f"prefill pp{n}", "tok/s", rate(int(n), times), rate(int(n), stock["pp"][n]), "Llama.eval")
+    for n, times in ours["pp_embd"].items():
+        row(f"prefill {n} image rows", "tok/s", rate(int(n), times), rate(int(n), stock["pp"][n]),
+            "Llama.eval (tokens)", note="ours: embedding rows")
+    ours_tg = median([r["n_generated"] / r["decode_s"] for r in ours["tg"]])
+    stock_tg = median([r["n_generated"] / r["decode_s"] for r in stock["tg"]])
+    n_tg = raw["spec"]["tg"]
+    row(f"decode tg{n_tg}", "tok/s", ours_tg, stock_tg, "Llama.generate", ">= 0.9",
+        note=f"ours generated {ours['tg'][0]['n_generated']} (EOS ends early)")
+    stats, bw = raw["llm"], raw["bandwidth_bytes_per_s"]
+    context = ours["tg"][0]["n_prompt_tokens"] + n_tg / 2
+    bound = bw / (stats["weights_bytes"] + context * stats["kv_bytes_per_position"])
+    row("decode / bandwidth bound", "fraction", ours_tg / bound, stock_tg / bound, "stock", "ours >= 0.8",
+        f"bound {bound:.1f} tok/s = {bw / 1e9:.1f} GB/s / {stats['weights_bytes'] / MB:.0f} MiB weights + KV")
+    n_e2e = raw["spec"]["e2e_tokens"]
+    ours_e2e = median([r["wall_s"] for r in ours["e2e"]])
+    stock_e2e = median([r["wall_s"] for r in stock["e2e"]])
+    row(f"end to end 1.5, {n_e2e} tokens", "s", ours_e2e, stock_e2e, "Llava15ChatHandler",
+        note=f"ours generated {median([r['n_generated'] for r in ours['e2e']]):.0f}")
+    if hf is not None:
+        row(f"end to end 1.5, {n_e2e} tokens", "s", ours_e2e, median(hf["e2e_s"]), "transformers f32", "<= 0.1")
+    else:
+        row(f"end to end 1.5, {n_e2e} tokens", "s", ours_e2e, None, "transformers f32", "<= 0.1",
+            raw.get("transformers_skipped", "skipped"))
+    rss = raw["rss"]
+    row("peak RSS, benchmark runner", "MiB", rss["ours"] / MB, rss["stock"] / MB, "stock runner",
+        note="each loads 1.5 then 1.6")
+    if "transformers" in rss:
+        row("peak RSS, 1.5 end to end", "MiB", rss["ours"] / MB, rss["transformers"] / MB, "transformers f32")
+    kv = raw["spec"]["kv_rss"]
+    w, h = raw["spec"]["rss_size"]
+    row(f"peak RSS, 1.6 chat {w}x{h} {kv} KV", "MiB", rss["ours_chat"] / MB, rss["stock_chat"] / MB,
+        "Llava16ChatHandler", "7b: ours <= 5632 MiB")
+    return rows
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    return f"{x:.3g}" if a < 100 else f"{x:.0f}"
+
+
+def print_table(raw: dict[str, Any], rows: list[dict[str, Any]], file: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m, v = raw["machine"], raw["versions"]
+    title = (f"llava-gguf benchmark, shape {raw['shape']['name']}, {raw['spec']['quant']}, {raw['date']}\n"
+             f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; threads {raw['threads']}; "
+             f"copy bandwidth {raw['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; runs {raw['spec']['runs']} (median)\n"
+             + ", ".join(f"{k} {x}" for k, x in v.items()))
+    table = Table(title=title, title_justify="left")
+    for col in ("figure", "unit", "ours", "peer", "ours/peer", "target", "vs", "note"):
+        table.add_column(col, justify="right" if col in ("ours", "peer", "ours/peer") else "left")
+    for r in rows:
+        table.add_row(r["figure"], r["unit"], fmt(r["ours"]), fmt(r["peer"]), fmt(r["ratio"]), r["target"],
+                      r["peer_name"], r["note"])
+    Console(file=file, width=200).print(table)
+    for note in raw["notes"]:
+        print(f"- {note}", file=file)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shape, 1 run (seconds; for the test)")
+    p.add_argument("--shape", choices=["1b", "7b"], default="1b")
+    p.add_argument("--json", action="store_true", help="print the raw figures as JSON (the table goes to stderr)")
+    p.add_argument("--runs", type=int, default=None, help="runs per figure (default 3, --quick 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llava-gguf-bench")
+    p.add_argument("--quant", default="Q4_K_M")
+    p.add_argument("--flash-attn", action="store_true", help="flash attention on for both runners (default off, "
+                   "llama-cpp-python's default)")
+    p.add_argument("--e2e-tokens", type=int, default=None, help="new tokens end to end (default 32, --quick 4)")
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--reconvert", action="store_true", help="convert again even when the GGUFs are cached")
+    p.add_argument("--delete-checkpoints", action="store_true",
+                   help="delete the f16 safetensors after converting (transformers then needs a rebuild)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, args.spec, args.out)
+        return 0
+    shape = synth.SHAPES["tiny" if args.quick else args.shape]
+    runs = args.runs or (1 if args.quick else 3)
+    workdir = args.workdir.expanduser() / shape.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = sys.stderr
+    notes: list[str] = []
+
+    print(f"[bench] building checkpoints ({shape.name}) under {workdir}", file=log, flush=True)
+    start = time.perf_counter()
+    ckpts = synth.build_checkpoints(workdir / "checkpoints", shape)
+    print(f"[bench] checkpoints ready in {time.perf_counter() - start:.1f}s; converting", file=log, flush=True)
+    converted = convert_all(ckpts, workdir, args)
+    paths = {v: (Path(c["llm"]), Path(c["mmproj"])) for v, c in converted.items()}
+    if args.delete_checkpoints:
+        shutil.rmtree(workdir / "checkpoints")
+    stats = llm_stats(paths["1.5"][0])
+    n_img15, *n_img16 = image_token_counts(paths["1.6"][1], [E2E_SIZE, *SIZES16])
+    n_img15 = image_token_counts(paths["1.5"][1], [E2E_SIZE])[0]
+    spec: dict[str, Any] = {
+        "runs": runs, "threads": args.threads, "n_ctx": 4096, "flash_attn": bool(args.flash_attn),
+        "quant": args.quant, "question": QUESTION, "tg_prompt": TG_PROMPT, "tg": 128,
+        "pp_tokens": [512], "pp_image_tokens": sorted({n_img15, max(n_img16)}),
+        "image_size": shape.vision.image_size, "size15": E2E_SIZE, "sizes16": SIZES16, "e2e_size": E2E_SIZE,
+        "e2e_tokens": args.e2e_tokens or (4 if args.quick else 32), "hf_runs": runs,
+        "llm15": str(paths["1.5"][0]), "mmproj15": str(paths["1.5"][1]),
+        "llm16": str(paths["1.6"][0]), "mmproj16": str(paths["1.6"][1]),
+        "kv_rss": "q8_0", "rss_size": (672, 672), "rss_tokens": 16, "source15": str(ckpts.llava15),
+    }
+    print("[bench] measuring copy bandwidth", file=log, flush=True)
+    bandwidth = copy_bandwidth((256 if args.quick else 1024) * MB)
+    raw: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "versions": versions(),
+        "threads": args.threads, "shape": asdict(shape), "spec": spec, "convert": converted, "llm": stats,
+        "bandwidth_bytes_per_s": bandwidth, "notes": notes,
+    }
+    rss: dict[str, int] = {}
+    for worker in ("ours", "stock", "ours_chat", "stock_chat"):
+        print(f"[bench] running {worker}", file=log, flush=True)
+        child = run_child(worker, spec, workdir)
+        raw[worker] = child.result
+        rss[worker] = child.max_rss_bytes
+        print(f"[bench] {worker} done in {child.wall_s:.1f}s", file=log, flush=True)
+    f32_bytes = 2 * ckpts.size_bytes  # the checkpoint is f16
+    if args.skip_transformers:
+        raw["transformers_skipped"] = "skipped (--skip-transformers)"
+    elif f32_bytes + 2 * 2**30 > _available_bytes():
+        raw["transformers_skipped"] = (f"skipped: float32 weights need {f32_bytes / 2**30:.1f} GiB, "
+                                       f"{_available_bytes() / 2**30:.1f} GiB available")
+    elif not ckpts.llava15.exists():
+        raw["transformers_skipped"] = "skipped: checkpoints deleted (--delete-checkpoints)"
+    else:
+        print("[bench] running transformers", file=log, flush=True)
+        child = run_child("transformers", spec, workdir)
+        raw["transformers"] = child.result
+        rss["transformers"] = child.max_rss_bytes
+    if "transformers_skipped" in raw:
+        notes.append(f"transformers {raw['transformers_skipped']}")
+    raw["rss"] = rss
+    notes += [
+        "weights are random: the speed is real, the answers are not; images are noise PNGs, new per run",
+        "TTFT = call to first sampled token (max_tokens=1), image decode + vision + prefill included",
+        "stock image tokens come from libmtmd's image chunks; ours from the packed (unpadded) features",
+        "decode bound: bytes read per token = LLM weights (no token_embd) + f16 KV at the mean position",
+    ]
+    rows = summarize(raw)
+    raw["rows"] = rows
+    print_table(raw, rows, sys.stderr if args.json else sys.stdout)
+    if args.json:
+        json.dump(raw, sys.stdout, indent=1, default=float)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
