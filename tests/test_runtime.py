@@ -233,3 +233,16 @@ def test_bad_images_are_clear_errors(pair, tmp_path: Path, content: bytes) -> No
     with pytest.raises(ImageError) as info:
         "".join(model.chat().send("Describe.", [path], GREEDY))
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_image_in_a_later_turn(pair) -> None:
+    """A second message may bring its own image: the reference sees both, in order."""
+    ckpt, model = pair(CASES[3].values[0])
+    first, second = random_image(80, 60, seed=8), random_image(50, 90, seed=9)
+    chat = model.chat()
+    "".join(chat.send("What is in the picture?", [first], GREEDY))
+    "".join(chat.send("And in this one?", [second], GREEDY))
+    assert model.timings.n_images_encoded == 1  # only the new image
+    assert chat.last_prompt.count("<image>") == 2
+    _, ref_tokens, _ = reference_run(ckpt, chat.last_prompt, [first, second])
+    assert chat.last_tokens == ref_tokens
