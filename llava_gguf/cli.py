@@ -232,8 +232,7 @@ class RunSettings:
             llama=llama, encoder=EncoderChoice(self.encoder),
             cache_dir=None if self.no_cache else features_dir(),
             template=Template(self.template) if self.template else None,
-            # low memory: no float32 copies of the vision weights kept between tiles
-            **({"vision_weight_cache_bytes": 0} if self.low_memory else {}),
+            low_memory=self.low_memory,
         )
 
     def generation_options(self) -> GenerationOptions:

@@ -54,7 +54,9 @@ class RuntimeOptions:
     cache_max_bytes: int = 1 << 30
     template: Template | None = None  # None: the one the GGUF names
     probe_cache_dir: Path | None = None  # where the libmtmd verdict is kept (default ~/.cache/llava-gguf)
-    vision_weight_cache_bytes: int = DEFAULT_CACHE_BYTES  # f32 copies of f16 vision weights kept between tiles
+    # low memory: no float32 copies of f16 vision weights kept between tiles, and the vision
+    # weights leave resident memory once an image is encoded, before the LLM's prefill
+    low_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class LlavaModel:
             cache_dir=self.options.probe_cache_dir,
             n_threads=self.options.llama.n_threads,
             use_gpu=self.options.llama.n_gpu_layers != 0,
-            numpy_cache_bytes=self.options.vision_weight_cache_bytes,
+            numpy_cache_bytes=0 if self.options.low_memory else DEFAULT_CACHE_BYTES,
         )
         return encoder
 
@@ -167,6 +169,8 @@ class LlavaModel:
             if prepared.image is None:
                 raise ImageError("the image was released before it was encoded")
             features = self._encode(prepared.image, prepared.on_tile)
+            if self.options.low_memory and hasattr(self.encoder, "release_memory"):
+                self.encoder.release_memory()
             self.cache.put(key, features)
             self.timings.n_images_encoded += 1
         self._features[key] = features

@@ -14,6 +14,7 @@ so a full float32 copy of the tower is never held beyond a bounded cache.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class GGUFTensors(Mapping[str, np.ndarray]):
 
     def __init__(self, reader: gguf.GGUFReader) -> None:
         self._tensors = {t.name: t for t in reader.tensors}
+        self._mapping = getattr(reader.data, "_mmap", None)  # the file mapping under every view
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory (the page cache keeps them)."""
+        if self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self._tensors[name]
@@ -147,6 +154,7 @@ class NumpyVisionEncoder:
         self.config = config
         self._tensors = tensors
         self._cache: dict[str, np.ndarray] = {}
+        self._cache_bytes = cache_bytes
         self._cache_left = cache_bytes
         self._check()
 
@@ -215,6 +223,16 @@ class NumpyVisionEncoder:
         gguf.MODEL_TENSOR.V_ENC_FFN_UP,
         gguf.MODEL_TENSOR.V_ENC_FFN_DOWN,
     )
+
+    def release_memory(self) -> None:
+        """Forget the float32 weight copies and drop the mapped weights from resident memory.
+
+        For low-memory runs, between images: the next tile reads the weights again from the page cache.
+        """
+        self._cache.clear()
+        self._cache_left = self._cache_bytes
+        if isinstance(self._tensors, GGUFTensors):
+            self._tensors.release_pages()
 
     # -- weights ------------------------------------------------------------------------------
 

@@ -246,3 +246,15 @@ def test_image_in_a_later_turn(pair) -> None:
     assert chat.last_prompt.count("<image>") == 2
     _, ref_tokens, _ = reference_run(ckpt, chat.last_prompt, [first, second])
     assert chat.last_tokens == ref_tokens
+
+
+def test_low_memory_features_are_the_same(pair) -> None:
+    """Low memory keeps no f32 vision weights and releases the mapped ones between images: same features."""
+    ckpt, exact = pair(CASES[2].values[0])
+    low = LlavaModel(exact.llm_path, exact.mmproj_path,
+                     RuntimeOptions(llama=EXACT.llama, encoder=EncoderChoice.NUMPY, low_memory=True))
+    for seed, size in ((10, (90, 50)), (11, (60, 120))):
+        image = random_image(*size, seed=seed)
+        "".join(low.chat().send("Describe.", [image], GenerationOptions(max_tokens=1)))
+        (ref,) = reference_features(ckpt, [image])
+        assert np.abs(low.image_features(image) - ref).max() <= 1e-3
