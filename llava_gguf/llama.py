@@ -103,7 +103,8 @@ class LlamaRuntime:
                     "raise the context size (-c) or ask for fewer max tokens"
                 )
         else:
-            size = min(self.n_ctx_train, max(256, -(-n_needed // 256) * 256))
+            # a growing conversation doubles the context, so it is rebuilt (and re-prefilled) rarely
+            size = min(self.n_ctx_train, max(256, -(-n_needed // 256) * 256, 2 * self.n_ctx))
         if self._ctx is not None and self.n_ctx >= n_needed:
             return
         if self._ctx is not None:

@@ -258,3 +258,17 @@ def test_low_memory_features_are_the_same(pair) -> None:
         "".join(low.chat().send("Describe.", [image], GenerationOptions(max_tokens=1)))
         (ref,) = reference_features(ckpt, [image])
         assert np.abs(low.image_features(image) - ref).max() <= 1e-3
+
+
+def test_context_grows_with_the_conversation(pair) -> None:
+    ckpt, exact = pair(CASES[3].values[0])
+    model = LlavaModel(exact.llm_path, exact.mmproj_path, EXACT)
+    chat = model.chat()
+    "".join(chat.send("Hello?", [], GREEDY))
+    small = model.runtime.n_ctx
+    images = [random_image(400, 300, seed=12), random_image(300, 400, seed=13)]
+    "".join(chat.send("Compare these.", images, GREEDY))
+    assert model.runtime.n_ctx >= 2 * small
+    assert model.runtime.n_ctx >= model.timings.n_prompt_tokens + GREEDY.max_tokens
+    _, ref_tokens, _ = reference_run(ckpt, chat.last_prompt, images)
+    assert chat.last_tokens == ref_tokens
