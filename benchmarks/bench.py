@@ -189,8 +189,7 @@ def llm_stats(path: Path) -> dict[str, Any]:
 
 
 def image_token_counts(mmproj: Path, sizes_wh: list[tuple[int, int]]) -> list[int]:
-    from llava_gguf.info import read_gguf
-    from llava_gguf.metadata import VisionSettings
+    from llava_gguf.metadata import VisionSettings, read_gguf
     from llava_gguf.packing import count_image_tokens
 
     settings = VisionSettings.read(read_gguf(mmproj))

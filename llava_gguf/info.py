@@ -8,8 +8,7 @@ from typing import Any
 
 import gguf
 
-from llava_gguf.errors import GGUFFormatError
-from llava_gguf.metadata import ClipKeys, GGUFFields, LlavaKeys
+from llava_gguf.metadata import ClipKeys, GGUFFields, LlavaKeys, read_gguf
 
 _SUMMARY_KEYS = {
     "llama": [
@@ -25,15 +24,6 @@ _SUMMARY_KEYS = {
         ClipKeys.IMAGE_GRID_PINPOINTS, ClipKeys.MM_PATCH_MERGE_TYPE, gguf.Keys.Clip.PROJECTOR_TYPE,
     ],
 }
-
-
-def read_gguf(path: str | Path) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path)
-    except FileNotFoundError as e:
-        raise GGUFFormatError(f"{path}: no such file") from e
-    except (ValueError, IndexError, OSError) as e:
-        raise GGUFFormatError(f"{path}: not a readable GGUF file ({e})") from e
 
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:

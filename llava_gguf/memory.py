@@ -9,9 +9,8 @@ from pathlib import Path
 
 import gguf
 
-from llava_gguf.info import read_gguf
 from llava_gguf.llama import KVCacheType
-from llava_gguf.metadata import GGUFFields, VisionSettings
+from llava_gguf.metadata import GGUFFields, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens
 
 _KV_BYTES = {KVCacheType.F32: 4.0, KVCacheType.F16: 2.0, KVCacheType.Q8_0: 34 / 32, KVCacheType.Q4_0: 18 / 32}

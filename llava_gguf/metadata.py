@@ -8,12 +8,13 @@ in the project's own namespace (``llava_gguf.*``) carry what llama.cpp has no ke
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import gguf
 
-from llava_gguf.errors import GGUFFormatError
+from llava_gguf.errors import GGUFFormatError, ModelLoadError
 
 FORMAT_VERSION = 1
 
@@ -143,6 +144,16 @@ class VisionSettings:
             mm_patch_merge_type=fields.get(ClipKeys.MM_PATCH_MERGE_TYPE) or "flat",
             projector_hidden_act=fields.require(LlavaKeys.PROJECTOR_ACT),
         )
+
+
+def read_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
+    """A read-only, memory-mapped reader; the project's errors for a missing or broken file."""
+    try:
+        return gguf.GGUFReader(path, "r")
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"{path}: no such file") from e
+    except (ValueError, IndexError, OSError) as e:
+        raise GGUFFormatError(f"{path}: not a readable GGUF file ({e})") from e
 
 
 class GGUFFields:

@@ -24,16 +24,15 @@ from PIL import Image
 from llava_gguf.errors import GGUFFormatError, ImageError, ModelLoadError, PromptError
 from llava_gguf.feature_cache import FeatureCache
 from llava_gguf.image import ImageSource, image_digest, load_image
-from llava_gguf.info import read_gguf
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
-from llava_gguf.metadata import LlavaKeys, TokenizeMode, VisionSettings
+from llava_gguf.metadata import LlavaKeys, TokenizeMode, VisionSettings, read_gguf
 from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
-from llava_gguf.vision import DEFAULT_CACHE_BYTES
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.preprocess import preprocess
 from llava_gguf.sampling import Sampler, SamplingOptions
 from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.templates import Message, Role, Template, render, user_text
+from llava_gguf.vision import DEFAULT_CACHE_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from llava_gguf.convert.mmproj import MmprojType, write_mmproj
 from llava_gguf.convert.names import Layout
 from llava_gguf.convert.tensors import TensorRef, TensorStore
 from llava_gguf.errors import ImageError, ModelLoadError
-from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings
+from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings, read_gguf
 from llava_gguf.paths import cache_root
 from llava_gguf.preprocess import normalize_tile
 from llava_gguf.templates import Template
-from llava_gguf.vision import DEFAULT_CACHE_BYTES, NumpyVisionEncoder, VisionTowerConfig, open_gguf
+from llava_gguf.vision import DEFAULT_CACHE_BYTES, NumpyVisionEncoder, VisionTowerConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class MtmdVisionEncoder:
         use_gpu: bool = False,
     ) -> None:
         self.mmproj_path = Path(mmproj_path)
-        reader = open_gguf(self.mmproj_path)
+        reader = read_gguf(self.mmproj_path)
         self.settings = VisionSettings.read(reader)
         del reader
         # Shapes, image_newline and the config come from the same file, memory-mapped.
@@ -330,7 +330,7 @@ def run_probe(n_threads: int = 1) -> ProbeVerdict:
         reference = NumpyVisionEncoder.from_gguf(mmproj)
         pixels = np.random.default_rng(1).integers(0, 256, (1, PROBE_VISION.image_size, PROBE_VISION.image_size, 3),
                                                    dtype=np.uint8)  # [1, S, S, 3]
-        settings = VisionSettings.read(open_gguf(mmproj))
+        settings = VisionSettings.read(read_gguf(mmproj))
         expected = reference.encode(_normalize(pixels, settings))  # [1, n_patches, d]
         del reference  # its memory maps of the scratch file
         llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))  # it notes the missing tokenizer

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from llava_gguf.errors import GGUFFormatError, ImageError, ModelLoadError
-from llava_gguf.metadata import ClipKeys, GGUFFields, SelectStrategy, VisionSettings
+from llava_gguf.errors import GGUFFormatError, ImageError
+from llava_gguf.metadata import ClipKeys, GGUFFields, SelectStrategy, VisionSettings, read_gguf
 
 # Upcast float16 / dequantized weights kept between tiles; 512 MiB holds about ten CLIP-L blocks.
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -69,19 +69,9 @@ class GGUFTensors(Mapping[str, np.ndarray]):
         return tuple(int(n) for n in reversed(self._tensors[name].shape))
 
 
-def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
-    """A read-only, memory-mapped reader; the project's errors for a missing or broken file."""
-    try:
-        return gguf.GGUFReader(path, "r")
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"{path}: no such file") from e
-    except (OSError, ValueError) as e:
-        raise GGUFFormatError(f"{path}: not a readable GGUF file ({e})") from e
-
-
 def load_mmproj_tensors(path: str | os.PathLike[str]) -> GGUFTensors:
     """The tensors of an mmproj GGUF, memory-mapped (F32/F16) or dequantized lazily (quantized)."""
-    return GGUFTensors(open_gguf(path))
+    return GGUFTensors(read_gguf(path))
 
 
 @dataclass(frozen=True)
@@ -160,7 +150,7 @@ class NumpyVisionEncoder:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> NumpyVisionEncoder:
-        reader = open_gguf(path)
+        reader = read_gguf(path)
         return cls(GGUFTensors(reader), VisionTowerConfig.read(reader), cache_bytes=cache_bytes)
 
     # -- shapes -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from PIL import Image
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
 from llava_gguf.errors import ImageError
 from llava_gguf.llama import LlamaRuntime
-from llava_gguf.metadata import VisionSettings
+from llava_gguf.metadata import VisionSettings, read_gguf
 from llava_gguf.mtmd_encoder import (
     PROBE_TOLERANCE,
     MtmdVisionEncoder,
@@ -35,7 +35,7 @@ from llava_gguf.mtmd_encoder import (
     tiles_to_pixels,
 )
 from llava_gguf.preprocess import normalize_tile, preprocess
-from llava_gguf.vision import NumpyVisionEncoder, open_gguf
+from llava_gguf.vision import NumpyVisionEncoder
 
 
 class Converted:
@@ -43,7 +43,7 @@ class Converted:
         result = convert_checkpoint(ckpt.path, out, ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
         self.ckpt, self.mmproj = ckpt, result.mmproj
         self.runtime = LlamaRuntime(result.llm)
-        self.settings = VisionSettings.read(open_gguf(result.mmproj))
+        self.settings = VisionSettings.read(read_gguf(result.mmproj))
 
 
 @pytest.fixture(scope="module")
