@@ -13,10 +13,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 
+from llava_gguf.convert.checkpoint import read_json
 from llava_gguf.errors import CheckpointError
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -47,24 +47,17 @@ def _added_tokens(directory: Path) -> dict[int, AddedToken]:
     added: dict[int, AddedToken] = {}
     tokenizer_json = directory / "tokenizer.json"
     if tokenizer_json.is_file():
-        for t in _load_json(tokenizer_json).get("added_tokens", []):
+        for t in read_json(tokenizer_json).get("added_tokens", []):
             added[int(t["id"])] = AddedToken(int(t["id"]), t["content"], bool(t.get("special", False)))
     config = directory / "tokenizer_config.json"
     if config.is_file():
-        for tid, t in (_load_json(config).get("added_tokens_decoder") or {}).items():
+        for tid, t in (read_json(config).get("added_tokens_decoder") or {}).items():
             added.setdefault(int(tid), AddedToken(int(tid), t["content"], bool(t.get("special", False))))
     added_json = directory / "added_tokens.json"
     if added_json.is_file():
-        for content, tid in _load_json(added_json).items():
+        for content, tid in read_json(added_json).items():
             added.setdefault(int(tid), AddedToken(int(tid), content, True))
     return added
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
 def _from_sentencepiece(directory: Path) -> Vocabulary:
@@ -80,7 +73,7 @@ def _from_sentencepiece(directory: Path) -> Vocabulary:
 
 
 def _from_tokenizer_json(directory: Path) -> Vocabulary:
-    data = _load_json(directory / "tokenizer.json")
+    data = read_json(directory / "tokenizer.json")
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback", False):
         raise CheckpointError(
