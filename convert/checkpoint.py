@@ -9,6 +9,7 @@ Both become one `LlavaCheckpoint`. Field names are Hugging Face's.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from collections.abc import Callable
@@ -27,7 +28,8 @@ LLAVA_HF_ARCHITECTURES = {"LlavaForConditionalGeneration": "1.5", "LlavaNextForC
 ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 
-# transformers' defaults for fields a config may leave out (LlamaConfig, MistralConfig, CLIPVisionConfig)
+# transformers' defaults for fields a config may leave out (LlamaConfig, MistralConfig, CLIPVisionConfig);
+# tests/test_config.py checks every fixture's parse against transformers.AutoConfig
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -37,13 +39,19 @@ TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096 * 32,
-        vocab_size=32000, tie_word_embeddings=False,
+        vocab_size=32000, tie_word_embeddings=False, sliding_window=4096,
     ),
 }
 VISION_DEFAULTS: dict[str, Any] = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512,
 )
+# LlavaConfig / LlavaNextConfig build this CLIP-L/336 when vision_config is absent
+LLAVA_HF_VISION_DEFAULTS: dict[str, Any] = {
+    **VISION_DEFAULTS, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
+}
+LLAVA_HF_IMAGE_TOKEN_DEFAULT = 32000  # LlavaConfig / LlavaNextConfig image_token_index
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -66,11 +74,19 @@ class TextConfig:
     tie_word_embeddings: bool = False
     head_dim: int | None = None
     rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None  # Mistral: attention sees only the last N positions
     name_or_path: str = ""
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the reference computes like llama.cpp: past a sliding window they differ."""
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,41 @@ def _with_defaults(cls: type, defaults: dict[str, Any], config: dict[str, Any]) 
     return {k: v for k, v in merged.items() if k in names}
 
 
-def _text_config(config: dict[str, Any], where: Path) -> TextConfig:
+def _rope(config: dict[str, Any], where: Path, default_theta: float) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling or None) from either spelling: transformers 4's flat ``rope_theta`` and
+    ``rope_scaling``, or transformers 5's ``rope_parameters`` (``{"rope_theta": ..., "rope_type": ...}``)."""
+    parameters = config.get("rope_parameters")
+    flat_theta = config.get("rope_theta")
+    scaling = config.get("rope_scaling")
+    theta = None
+    if isinstance(parameters, dict):
+        if "full_attention" in parameters and isinstance(parameters["full_attention"], dict):
+            parameters = parameters["full_attention"]  # per-layer-type form
+        theta = parameters.get("rope_theta")
+        if parameters.get("rope_type", parameters.get("type", "default")) != "default":
+            scaling = scaling or parameters
+    if theta is not None and flat_theta is not None and float(theta) != float(flat_theta):
+        raise CheckpointError(
+            f"{where}: config.json gives two RoPE bases, rope_theta={flat_theta} and rope_parameters.rope_theta={theta}"
+        )
+    theta = theta if theta is not None else flat_theta
+    if theta is None:
+        theta = default_theta
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "default"):
+            raise CheckpointError(
+                f"{where}: RoPE scaling {kind!r} ({scaling}) is not supported; supported: linear, default"
+            )
+        if kind == "default":
+            scaling = None
+        elif not isinstance(scaling.get("factor"), (int, float)):
+            raise CheckpointError(f"{where}: linear RoPE scaling without a numeric factor ({scaling})")
+    return float(theta), scaling or None
+
+
+def _text_config(config: dict[str, Any], where: Path, outer: dict[str, Any] | None = None) -> TextConfig:
+    """The LLM's hyperparameters; ``outer`` is the llava-hf top-level config (for ``tie_word_embeddings``)."""
     model_type = config.get("model_type", "llama")
     if model_type in ("llava_llama", "llava"):
         model_type = "llama"
@@ -161,18 +211,41 @@ def _text_config(config: dict[str, Any], where: Path) -> TextConfig:
         raise CheckpointError(
             f"{where}: unsupported language model {model_type!r}; supported: {', '.join(SUPPORTED_TEXT_MODELS)}"
         )
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{where}: language model activation {act!r} is not supported; supported: silu")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise CheckpointError(f"{where}: {flag}=true is not supported (llama.cpp's llama graph has no such biases)")
     values = _with_defaults(TextConfig, TEXT_DEFAULTS[model_type], config)
-    values.setdefault("num_key_value_heads", values["num_attention_heads"])
+    if config.get("num_key_value_heads") is None:
+        values["num_key_value_heads"] = values["num_attention_heads"]
+    if config.get("tie_word_embeddings") is None and outer is not None and outer.get("tie_word_embeddings") is not None:
+        values["tie_word_embeddings"] = bool(outer["tie_word_embeddings"])
+    values["rope_theta"], values["rope_scaling"] = _rope(config, where, TEXT_DEFAULTS[model_type]["rope_theta"])
     values["model_type"] = model_type
     values["name_or_path"] = str(config.get("_name_or_path", ""))
-    scaling = values.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "default"):
-        raise CheckpointError(f"{where}: unsupported rope_scaling {scaling}")
-    return TextConfig(**values)
+    # an explicit null means no window; a missing key means MistralConfig's default
+    window = config.get("sliding_window", TEXT_DEFAULTS[model_type].get("sliding_window"))
+    if config.get("use_sliding_window") is False:
+        window = None
+    values["sliding_window"] = int(window) if window is not None else None
+    text = TextConfig(**values)
+    if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
+        raise CheckpointError(
+            f"{where}: {text.num_attention_heads} attention heads, {text.num_key_value_heads} KV heads and "
+            f"hidden size {text.hidden_size} do not divide evenly"
+        )
+    return text
 
 
-def _vision_config(config: dict[str, Any]) -> VisionConfig:
-    return VisionConfig(**_with_defaults(VisionConfig, VISION_DEFAULTS, config))
+def _vision_config(config: dict[str, Any] | None, where: Path) -> VisionConfig:
+    """CLIPVisionConfig fields; a llava-hf config without ``vision_config`` gets LlavaConfig's CLIP-L/336."""
+    defaults = VISION_DEFAULTS if config is not None else LLAVA_HF_VISION_DEFAULTS
+    vision = VisionConfig(**_with_defaults(VisionConfig, defaults, config or {}))
+    if vision.hidden_act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"{where}: vision activation {vision.hidden_act!r} is not supported; supported: quick_gelu, gelu")
+    return vision
 
 
 def _size(value: Any, default: int) -> tuple[int, int]:
@@ -191,8 +264,18 @@ def _size(value: Any, default: int) -> tuple[int, int]:
     raise CheckpointError(f"unrecognised image processor size {value!r}")
 
 
-def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
-    return tuple((int(h), int(w)) for h, w in value) if value else ()
+def _pinpoints(value: Any, where: Path) -> tuple[tuple[int, int], ...]:
+    """The config's pairs, unchanged (their order is the layout's: see `VisionSettings.pinpoints_hw`);
+    the original code also accepts them as a string literal."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise CheckpointError(f"{where}: image_grid_pinpoints {value!r} is not a list of pairs") from e
+    try:
+        return tuple((int(a), int(b)) for a, b in value) if value else ()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: image_grid_pinpoints {value!r} is not a list of pairs") from e
 
 
 def _processor_settings(
@@ -225,8 +308,8 @@ def _processor_settings(
 
 def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckpoint:
     version = LLAVA_HF_ARCHITECTURES.get(arch) or ("1.6" if config.get("model_type") == "llava_next" else "1.5")
-    text = _text_config(config.get("text_config") or {}, path)
-    vision = _vision_config(config.get("vision_config") or {})
+    text = _text_config(config.get("text_config") or {}, path, outer=config)
+    vision = _vision_config(config.get("vision_config"), path)
     feature_layer = config.get("vision_feature_layer", -2)
     if not isinstance(feature_layer, int):
         raise CheckpointError(f"{path}: several vision_feature_layer values {feature_layer} are not supported")
@@ -234,7 +317,7 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
     processor = read_json(processor_path) if processor_path.is_file() else {}
     if not processor:
         log.warning("%s has no preprocessor_config.json; using CLIP defaults", path)
-    pinpoints = _pinpoints(config.get("image_grid_pinpoints") or processor.get("image_grid_pinpoints"))
+    pinpoints = _pinpoints(config.get("image_grid_pinpoints") or processor.get("image_grid_pinpoints"), path)
     if version == "1.6":
         mode, merge = ImageMode.ANYRES, "spatial_unpad"
         pinpoints = pinpoints or LLAVA_NEXT_PINPOINTS
@@ -246,7 +329,7 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
         strategy=SelectStrategy(config.get("vision_feature_select_strategy", "default")),
         pinpoints=pinpoints, merge_type=merge, projector_act=config.get("projector_hidden_act", "gelu"),
     )
-    image_token_id = config.get("image_token_index", config.get("image_token_id"))
+    image_token_id = config.get("image_token_index", config.get("image_token_id", LLAVA_HF_IMAGE_TOKEN_DEFAULT))
     return LlavaCheckpoint(
         path=path, layout=Layout.LLAVA_HF, llava_version=version, text=text, vision=vision,
         settings=settings, projector_type="mlp2x_gelu",
@@ -269,7 +352,7 @@ def _read_original(
     if not clip_path.is_dir():
         raise CheckpointError(f"{path}: vision tower {tower!r} is not a local directory; pass it with --vision-tower")
     clip_config = read_json(clip_path / "config.json")
-    vision = _vision_config(clip_config.get("vision_config", clip_config))
+    vision = _vision_config(clip_config.get("vision_config", clip_config), clip_path)
     processor_path = clip_path / "preprocessor_config.json"
     processor = read_json(processor_path) if processor_path.is_file() else {}
     aspect = config.get("image_aspect_ratio") or "square"
@@ -290,7 +373,7 @@ def _read_original(
         processor, vision, llava_version=version, layout=Layout.ORIGINAL, mode=mode,
         feature_layer=int(config.get("mm_vision_select_layer", -2)),
         strategy=SelectStrategy.DEFAULT if select_feature == "patch" else SelectStrategy.FULL,
-        pinpoints=_pinpoints(config.get("image_grid_pinpoints")) if version == "1.6" else (),
+        pinpoints=_pinpoints(config.get("image_grid_pinpoints"), path) if version == "1.6" else (),
         merge_type=merge, projector_act="gelu",
     )
     return LlavaCheckpoint(

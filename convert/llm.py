@@ -95,7 +95,12 @@ def write_llm(
     n_vocab = next(t.shape[0] for t in tensors if t.name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight")
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCH])
     writer.add_name(ckpt.name)
-    writer.add_context_length(text.max_position_embeddings)
+    if text.context_length < text.max_position_embeddings:
+        log.warning(
+            "%s: context limited to the sliding window, %d positions (of %d), where llama.cpp computes what the reference does",
+            ckpt.name, text.context_length, text.max_position_embeddings,
+        )
+    writer.add_context_length(text.context_length)
     writer.add_embedding_length(text.hidden_size)
     writer.add_block_count(text.num_hidden_layers)
     writer.add_feed_forward_length(text.intermediate_size)
@@ -112,7 +117,7 @@ def write_llm(
         writer.add_rope_scaling_factor(float(text.rope_scaling["factor"]))
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(FILE_TYPES[qtype])
-    vocab = write_vocabulary(writer, ckpt.path, n_vocab)
+    vocab = write_vocabulary(writer, ckpt.path, n_vocab, ckpt.layout)
     writer.add_uint32(LlavaKeys.FORMAT_VERSION, FORMAT_VERSION)
     writer.add_string(LlavaKeys.LLAVA_VERSION, ckpt.llava_version)
     writer.add_string(LlavaKeys.LAYOUT, ckpt.layout.value)

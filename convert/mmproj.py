@@ -129,7 +129,7 @@ def write_mmproj(
     writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
     writer.add_vision_image_mean(list(settings.image_mean))
     writer.add_vision_image_std(list(settings.image_std))
-    writer.add_vision_use_gelu(False)  # CLIP's MLP uses quick-gelu
+    writer.add_vision_use_gelu(vision.hidden_act == "gelu")  # CLIP-L's MLP uses quick-gelu
     writer.add_array(ClipKeys.FEATURE_LAYER, [n_blocks])
     if ckpt.llava_version == "1.6":
         # flat [h0, w0, h1, w1, ...], int32 as llama.cpp reads it

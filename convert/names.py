@@ -8,16 +8,13 @@ own tensor map, except the LLaVA projector, whose ``linear_1`` is llama.cpp's ``
 
 from __future__ import annotations
 
-import enum
 from functools import lru_cache
 
 import gguf
 
+from llava_gguf.metadata import Layout
 
-class Layout(str, enum.Enum):
-    LLAVA_HF = "llava-hf"  # transformers' LlavaForConditionalGeneration / LlavaNext...
-    ORIGINAL = "original"  # liuhaotian's LlavaLlamaForCausalLM / LlavaMistralForCausalLM
-    CLIP = "clip"  # a CLIPModel / CLIPVisionModel repo (LLaVA 1.5's frozen tower)
+__all__ = ["Layout", "canonical_name", "gguf_name", "is_vision", "block_index"]
 
 
 # (source prefix, canonical prefix or None to drop); the first matching prefix wins.

@@ -1,6 +1,6 @@
 """The LLM's tokenizer, embedded in its GGUF as llama.cpp's SentencePiece ("llama") vocabulary.
 
-The base pieces come from ``tokenizer.model`` (through gguf-py's `SentencePieceVocab`) or, when
+The base pieces come from ``tokenizer.model`` (its proto, types included) or, when
 a checkpoint ships only ``tokenizer.json``, from that file's BPE vocabulary. Added tokens
 (``<image>``, ``<pad>``, ...) come from ``tokenizer.json``, ``tokenizer_config.json`` and
 ``added_tokens.json``; special ids, ``add_bos`` and any chat template come from gguf-py's
@@ -15,11 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+from google.protobuf.message import DecodeError
+from sentencepiece import sentencepiece_model_pb2
 
 from llava_gguf.convert.checkpoint import read_json
 from llava_gguf.errors import CheckpointError
+from llava_gguf.metadata import Layout, LlavaKeys
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_SPM_MODEL_TYPES = (1, 2)  # TrainerSpec.ModelType UNIGRAM, BPE
+# ModelProto.SentencePiece.Type -> llama.cpp's token type
+_SPM_PIECE_TYPES = {
+    1: gguf.TokenType.NORMAL,
+    2: gguf.TokenType.UNKNOWN,
+    3: gguf.TokenType.CONTROL,
+    4: gguf.TokenType.USER_DEFINED,
+    5: gguf.TokenType.UNUSED,
+    6: gguf.TokenType.BYTE,
+}
 
 
 @dataclass
@@ -43,7 +56,22 @@ class AddedToken:
     special: bool
 
 
+def _special_contents(directory: Path) -> set[str]:
+    """The token texts ``special_tokens_map.json`` names (bos, eos, additional special tokens...)."""
+    path = directory / "special_tokens_map.json"
+    if not path.is_file():
+        return set()
+    found: set[str] = set()
+    for value in read_json(path).values():
+        for item in value if isinstance(value, list) else [value]:
+            content = item.get("content") if isinstance(item, dict) else item
+            if isinstance(content, str):
+                found.add(content)
+    return found
+
+
 def _added_tokens(directory: Path) -> dict[int, AddedToken]:
+    """Added tokens by id, from tokenizer.json, tokenizer_config.json and added_tokens.json (that order wins)."""
     added: dict[int, AddedToken] = {}
     tokenizer_json = directory / "tokenizer.json"
     if tokenizer_json.is_file():
@@ -55,21 +83,33 @@ def _added_tokens(directory: Path) -> dict[int, AddedToken]:
             added.setdefault(int(tid), AddedToken(int(tid), t["content"], bool(t.get("special", False))))
     added_json = directory / "added_tokens.json"
     if added_json.is_file():
+        # transformers adds these as plain (non-special) tokens unless special_tokens_map names them
+        special = _special_contents(directory)
         for content, tid in read_json(added_json).items():
-            added.setdefault(int(tid), AddedToken(int(tid), content, True))
+            added.setdefault(int(tid), AddedToken(int(tid), content, content in special))
     return added
 
 
 def _from_sentencepiece(directory: Path) -> Vocabulary:
-    vocab = gguf.vocab.SentencePieceVocab(directory)
-    tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.sentencepiece_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(int(toktype))
-    # A model trained with add_dummy_prefix puts "▁" before the first word.
-    first = vocab.sentencepiece_tokenizer.EncodeAsPieces("a")
-    return Vocabulary(tokens, scores, types, add_space_prefix=bool(first) and first[0].startswith("\u2581"))
+    """Pieces, scores and types straight from the ``tokenizer.model`` proto, so user-defined pieces
+    (which SentencePieceProcessor cannot tell from normal ones) keep their type."""
+    path = directory / "tokenizer.model"
+    try:
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError as e:
+        raise CheckpointError(f"{path}: not a SentencePiece model ({e})") from e
+    if not proto.pieces:
+        raise CheckpointError(f"{path}: a SentencePiece model without pieces")
+    if proto.trainer_spec.model_type not in _SPM_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: SentencePiece model type {proto.trainer_spec.model_type} is not BPE or unigram; "
+            "llama.cpp cannot run it"
+        )
+    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(_SPM_PIECE_TYPES[p.type]) for p in proto.pieces]
+    return Vocabulary(tokens, scores, types, add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix))
 
 
 def _from_tokenizer_json(directory: Path) -> Vocabulary:
@@ -129,7 +169,37 @@ def read_vocabulary(directory: Path, n_vocab: int) -> Vocabulary:
     return vocab
 
 
-def write_vocabulary(writer: gguf.GGUFWriter, directory: Path, n_vocab: int) -> Vocabulary:
+def _walk(node: object, kind: str) -> list[dict]:
+    """Every normalizer / pre-tokenizer of type ``kind`` in a tokenizer.json pipeline (Sequences unrolled)."""
+    if not isinstance(node, dict):
+        return []
+    found = [node] if node.get("type") == kind else []
+    for child in node.get("normalizers", []) + node.get("pretokenizers", []):
+        found += _walk(child, kind)
+    return found
+
+
+def space_after_special(directory: Path, layout: Layout) -> bool:
+    """Whether the checkpoint's reference tokenizer puts "▁" before text that follows a special token
+    (transformers' legacy behaviour, and llama.cpp's), or only at the start of the string."""
+    config_path = directory / "tokenizer_config.json"
+    legacy = read_json(config_path).get("legacy") if config_path.is_file() else None
+    if layout is Layout.ORIGINAL:
+        # LLaVA's code loads the slow LlamaTokenizer, which transformers 4 treats as legacy unless told not to
+        return True if legacy is None else bool(legacy)
+    tokenizer_json = directory / "tokenizer.json"
+    if tokenizer_json.is_file():  # transformers runs this file's pipeline
+        data = read_json(tokenizer_json)
+        if any(n.get("prepend") == "\u2581" for n in _walk(data.get("normalizer"), "Prepend")):
+            return True  # the normalizer runs on each stretch of text between added tokens
+        schemes = [m.get("prepend_scheme", "always" if m.get("add_prefix_space") else "never")
+                   for m in _walk(data.get("pre_tokenizer"), "Metaspace")]
+        return "always" in schemes
+    # tokenizer.model alone: transformers 5's LlamaTokenizer, non-legacy unless the config says legacy
+    return bool(legacy)
+
+
+def write_vocabulary(writer: gguf.GGUFWriter, directory: Path, n_vocab: int, layout: Layout) -> Vocabulary:
     vocab = read_vocabulary(directory, n_vocab)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -137,6 +207,7 @@ def write_vocabulary(writer: gguf.GGUFWriter, directory: Path, n_vocab: int) -> 
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_add_space_prefix(vocab.add_space_prefix)
+    writer.add_bool(LlavaKeys.SPACE_AFTER_SPECIAL, space_after_special(directory, layout))
     special = gguf.SpecialVocab(directory, n_vocab=n_vocab)
     special.add_to_gguf(writer, quiet=True)
     return vocab

@@ -72,6 +72,12 @@ def reported_errors(state: CLIState) -> Iterator[None]:
             raise
         err_console.print("interrupted")
         sys.exit(130)
+    except (click.exceptions.Exit, click.ClickException, SystemExit):
+        raise
+    except Exception as e:  # a bug here or in a dependency: still one line, the traceback on --debug
+        if state.debug:
+            raise
+        _fail(f"unexpected {type(e).__name__}: {e} (a bug; run again with --debug for the traceback and report it)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,6 +15,7 @@ import numpy as np
 from llama_cpp import _internals
 
 from llava_gguf.errors import ContextOverflowError, ModelLoadError
+from llava_gguf.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 # llama.cpp's own log goes through this logger; keep it quiet unless asked.
@@ -75,6 +76,7 @@ class LlamaRuntime:
             self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{path}: llama.cpp could not load the model ({e})") from e
+        self.tokenizer = Tokenizer(path, self.model)
         self.n_vocab = self.model.n_vocab()
         self.n_embd = self.model.n_embd()
         self.n_ctx_train = self.model.n_ctx_train()
@@ -147,9 +149,7 @@ class LlamaRuntime:
     # ------------------------------------------------------------------ tokens
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
-        if not text:
-            return [self.model.token_bos()] if add_bos else []
-        return self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        return self.tokenizer.tokenize(text, add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens rendered as text)."""
@@ -252,4 +252,5 @@ class LlamaRuntime:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
+        self.tokenizer.close()
         self.model.close()

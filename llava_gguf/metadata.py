@@ -19,6 +19,14 @@ from llava_gguf.errors import GGUFFormatError, ModelLoadError
 FORMAT_VERSION = 1
 
 
+class Layout(str, enum.Enum):
+    """A checkpoint's layout (``llava_gguf.checkpoint_layout``): it decides which reference the runtime follows."""
+
+    LLAVA_HF = "llava-hf"  # transformers' LlavaForConditionalGeneration / LlavaNext...
+    ORIGINAL = "original"  # liuhaotian's LlavaLlamaForCausalLM / LlavaMistralForCausalLM
+    CLIP = "clip"  # a CLIPModel / CLIPVisionModel repo (LLaVA 1.5's frozen tower)
+
+
 class ClipKeys:
     """llama.cpp clip keys (tools/mtmd/clip-impl.h) that `gguf.Keys` lacks."""
 
@@ -47,6 +55,8 @@ class LlavaKeys:
     TEMPLATE = "llava_gguf.template"
     IMAGE_TOKEN_ID = "llava_gguf.image_token_id"
     TOKENIZE_MODE = "llava_gguf.tokenize_mode"
+    # whether the reference tokenizer gives text after a special token the "▁" prefix (transformers' legacy)
+    SPACE_AFTER_SPECIAL = "llava_gguf.tokenizer.space_after_special"
 
 
 class ImageMode(str, enum.Enum):
@@ -90,6 +100,8 @@ class VisionSettings:
     rescale_factor: float = 1 / 255
     vision_feature_layer: int = -2
     vision_feature_select_strategy: SelectStrategy = SelectStrategy.DEFAULT
+    # the config's pairs as written there: transformers reads each as (height, width), the original
+    # LLaVA code as (width, height); `pinpoints_hw` gives them as the layout's reference reads them
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     mm_patch_merge_type: str = "flat"  # "spatial_unpad" for LLaVA 1.6
     projector_hidden_act: str = "gelu"
@@ -98,6 +110,19 @@ class VisionSettings:
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def follows_original_code(self) -> bool:
+        """Original-layout checkpoints are reproduced as the original LLaVA code computes them
+        (pinpoints read as (width, height), unpad sizes truncated); llava-hf ones as transformers."""
+        return self.layout == Layout.ORIGINAL.value
+
+    @property
+    def pinpoints_hw(self) -> tuple[tuple[int, int], ...]:
+        """The grid resolutions as (height, width), in the order the reference tries them (first best wins)."""
+        if self.follows_original_code:
+            return tuple((height, width) for width, height in self.image_grid_pinpoints)
+        return self.image_grid_pinpoints
 
     def write(self, writer: gguf.GGUFWriter) -> None:
         writer.add_uint32(LlavaKeys.FORMAT_VERSION, FORMAT_VERSION)
@@ -123,7 +148,7 @@ class VisionSettings:
                 "(no llava_gguf.* keys); convert the checkpoint with `llava-gguf convert`"
             )
         pinpoints = fields.get(ClipKeys.IMAGE_GRID_PINPOINTS) or []
-        # flat [h0, w0, h1, w1, ...] -> ((h0, w0), (h1, w1), ...)
+        # flat [a0, b0, a1, b1, ...] -> ((a0, b0), (a1, b1), ...), the config's pairs
         grid = tuple((int(pinpoints[i]), int(pinpoints[i + 1])) for i in range(0, len(pinpoints), 2))
         crop = fields.require(LlavaKeys.IMAGE_CROP_SIZE)
         return cls(

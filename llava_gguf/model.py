@@ -152,7 +152,7 @@ class LlavaModel:
 
     def prepare_image(self, source: ImageSource, on_tile: TileCallback | None = None) -> PreparedImage:
         """Load an image and count its tokens; encoding waits until the prompt is known to fit."""
-        image = load_image(source, composite_alpha=self.settings.layout != "original")
+        image = load_image(source, composite_alpha=not self.settings.follows_original_code)
         key = hashlib.sha256(f"{self._model_key}:{image_digest(image, self.settings)}".encode()).hexdigest()[:32]
         size_hw = (image.height, image.width)
         n_tokens = count_image_tokens(size_hw, self.settings)

@@ -1,9 +1,10 @@
 """LLaVA 1.6 "anyres" geometry and the packing of tile features into the LLM's image embeddings.
 
 NumPy ports of transformers' `select_best_resolution`, `get_anyres_image_grid_shape`,
-`image_size_to_num_patches`, `unpad_image` and `LlavaNextModel.pack_image_features`.
-transformers' LlavaNext always packs as "spatial_unpad" (whatever `mm_patch_merge_type` says);
-so does this module. Sizes are (height, width).
+`image_size_to_num_patches`, `unpad_image` and `LlavaNextModel.pack_image_features`, and of the
+original LLaVA code's variants for original-layout checkpoints (`VisionSettings.pinpoints_hw`,
+``unpad_bounds(truncate=True)``). transformers' LlavaNext always packs as "spatial_unpad"
+(whatever `mm_patch_merge_type` says); so does this module. Sizes are (height, width).
 """
 
 from __future__ import annotations
@@ -52,33 +53,43 @@ def count_tiles(image_size_hw: tuple[int, int], settings: VisionSettings) -> int
     """How many CLIP inputs preprocessing makes for one image (the base image included for anyres)."""
     if settings.image_mode != ImageMode.ANYRES:
         return 1
-    height, width = select_best_resolution(image_size_hw, settings.image_grid_pinpoints)
+    height, width = select_best_resolution(image_size_hw, settings.pinpoints_hw)
     tile = settings.image_size
     return len(range(0, height, tile)) * len(range(0, width, tile)) + 1
 
 
-def unpad_bounds(current_hw: tuple[int, int], original_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the feature grid that is image, not padding (transformers' `unpad_image`)."""
+def unpad_bounds(
+    current_hw: tuple[int, int], original_hw: tuple[int, int], *, truncate: bool = False
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the feature grid that is image, not padding: transformers'
+    `unpad_image` (sizes rounded to 7 decimals first) or, with ``truncate``, the original LLaVA's
+    (``int(x * scale)``, which differs where x * scale lands just below a whole number)."""
     original_height, original_width = original_hw
     current_height, current_width = current_hw
     original_aspect_ratio = original_width / original_height
     current_aspect_ratio = current_width / current_height
     if original_aspect_ratio > current_aspect_ratio:
         scale_factor = current_width / original_width
-        new_height = int(round(original_height * scale_factor, 7))
+        new_height = _scaled(original_height, scale_factor, truncate)
         padding = (current_height - new_height) // 2
         return padding, current_height - padding, 0, current_width
     scale_factor = current_height / original_height
-    new_width = int(round(original_width * scale_factor, 7))
+    new_width = _scaled(original_width, scale_factor, truncate)
     padding = (current_width - new_width) // 2
     return 0, current_height, padding, current_width - padding
+
+
+def _scaled(size: int, scale: float, truncate: bool) -> int:
+    return int(size * scale) if truncate else int(round(size * scale, 7))
 
 
 def unpadded_grid_shape(image_size_hw: tuple[int, int], settings: VisionSettings) -> tuple[int, int]:
     """(height, width) in patches of the tile grid once the padding is cut away."""
     side = settings.patches_per_side
-    rows, cols = anyres_grid_shape(image_size_hw, settings.image_grid_pinpoints, settings.image_size)
-    top, bottom, left, right = unpad_bounds((rows * side, cols * side), image_size_hw)
+    rows, cols = anyres_grid_shape(image_size_hw, settings.pinpoints_hw, settings.image_size)
+    top, bottom, left, right = unpad_bounds(
+        (rows * side, cols * side), image_size_hw, truncate=settings.follows_original_code
+    )
     return bottom - top, right - left
 
 
@@ -104,7 +115,7 @@ def pack_image_features(
     if n_tiles == 1:
         return np.concatenate([features[0], newline[None]], axis=0)  # [n_patches + 1, d]
     side = settings.patches_per_side
-    rows, cols = anyres_grid_shape(image_size_hw, settings.image_grid_pinpoints, settings.image_size)
+    rows, cols = anyres_grid_shape(image_size_hw, settings.pinpoints_hw, settings.image_size)
     if (n_tiles - 1, n_patches) != (rows * cols, side * side):
         raise ImageError(
             f"image of {image_size_hw} needs {rows * cols} tiles of {side * side} patches plus the base tile, "
@@ -114,7 +125,9 @@ def pack_image_features(
     grid = features[1:].reshape(rows, cols, side, side, dim)  # [rows, cols, h, w, d]
     grid = grid.transpose(4, 0, 2, 1, 3)  # [d, rows, h, cols, w]
     grid = grid.reshape(dim, rows * side, cols * side)  # [d, rows*h, cols*w]
-    top, bottom, left, right = unpad_bounds((rows * side, cols * side), image_size_hw)
+    top, bottom, left, right = unpad_bounds(
+        (rows * side, cols * side), image_size_hw, truncate=settings.follows_original_code
+    )
     grid = grid[:, top:bottom, left:right]  # [d, H, W]
     newlines = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1))  # [d, H, 1]
     grid = np.concatenate([grid, newlines], axis=-1)  # [d, H, W + 1]

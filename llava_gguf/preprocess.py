@@ -129,7 +129,7 @@ def split_tiles(pixels: np.ndarray, tile: int) -> list[np.ndarray]:
 def split_anyres(pixels: np.ndarray, settings: VisionSettings) -> list[np.ndarray]:
     """The base image (squashed to the tile size) then the tiles of the best grid resolution."""
     height, width = pixels.shape[:2]
-    best_hw = select_best_resolution((height, width), settings.image_grid_pinpoints)
+    best_hw = select_best_resolution((height, width), settings.pinpoints_hw)
     resized = resize(pixels, anyres_target_size(height, width, best_hw), settings.resample)
     padded = pad_to_resolution(resized, best_hw)  # [best_h, best_w, 3]
     side = settings.shortest_edge

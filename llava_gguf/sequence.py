@@ -39,6 +39,13 @@ def tokenize_prompt(
         raise PromptError(f"the prompt has {n_placeholders} <image> placeholder(s) but {len(images)} image(s) were given")
     if mode is TokenizeMode.WHOLE and image_token_id is not None:
         tokens = runtime.tokenize(prompt, add_bos=runtime.add_bos, special=True)
+        n_image_tokens = tokens.count(image_token_id)
+        if n_image_tokens != len(images):
+            raise PromptError(
+                f"{runtime.path.name}: the prompt's {len(images)} {IMAGE_PLACEHOLDER} placeholder(s) became "
+                f"{n_image_tokens} image token(s) (id {image_token_id}) once tokenized, so image(s) would be "
+                "dropped; the GGUF's tokenizer does not keep <image> whole: re-convert the checkpoint with llava-gguf"
+            )
         queue = iter(images)
         return [next(queue) if t == image_token_id else t for t in tokens]
     chunks = prompt.split(IMAGE_PLACEHOLDER)

@@ -14,7 +14,8 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 class Template(str, enum.Enum):
-    VICUNA_V1 = "vicuna_v1"  # llava_v1: LLaVA 1.5 and LLaVA 1.6 Vicuna
+    VICUNA_V1 = "vicuna_v1"  # conv_vicuna_v1: what LLaVA 1.5 / 1.6 Vicuna were trained (--version v1) and evaluated with
+    LLAVA_V1 = "llava_v1"  # conv_llava_v1: the original CLI's choice; vicuna_v1's format, "human" in its system prompt
     LLAVA_LLAMA_2 = "llava_llama_2"
     MISTRAL_INSTRUCT = "mistral_instruct"  # LLaVA 1.6 Mistral
     CHATML_DIRECT = "chatml_direct"  # LLaVA 1.6 34B (Yi)
@@ -35,6 +36,10 @@ class Message:
 
 DEFAULT_SYSTEM: dict[Template, str] = {
     Template.VICUNA_V1: (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    Template.LLAVA_V1: (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions."
     ),
@@ -65,7 +70,7 @@ def render(template: Template, messages: list[Message], system: str | None = Non
         if m.role is not expected:
             raise ValueError(f"message {i} should be from {expected.value}, got {m.role.value}")
     texts = [m.text for m in messages]
-    if template is Template.VICUNA_V1:
+    if template in (Template.VICUNA_V1, Template.LLAVA_V1):
         # SeparatorStyle.TWO, sep=" ", sep2="</s>"
         out = system + " "
         for i, text in enumerate(texts):

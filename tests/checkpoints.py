@@ -25,9 +25,12 @@ from typing import Any
 
 import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from safetensors.torch import save_file
 from transformers import (
     AddedToken,
+    AutoTokenizer,
+    BatchEncoding,
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
@@ -44,6 +47,7 @@ from transformers import (
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 SP_VOCAB_SIZE = 480
+USER_DEFINED_IMAGE_ID = 3  # <image> as the first user_defined_symbols piece, after <unk> <s> </s>
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 IMAGE_SIZE = 56
@@ -55,7 +59,10 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LAYOUTS = ("llava-hf", "original")
 VERSIONS = ("1.5", "1.6")
 LLMS = ("llama", "mistral")
-TOKENIZER_FILES = ("both", "json", "model")
+# both: tokenizer.model + tokenizer.json; json / model: one of them; model-user-defined: a tokenizer.model
+# whose own pieces include <image> (a user_defined_symbols piece), nothing else names it;
+# added-tokens-json: tokenizer.model + added_tokens.json (no added_tokens_decoder, no tokenizer.json)
+TOKENIZER_FILES = ("both", "json", "model", "model-user-defined", "added-tokens-json")
 
 
 @dataclass
@@ -120,10 +127,11 @@ def training_text(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(root: Path) -> Path:
-    """Train a LLaMA-style SentencePiece BPE model under ``root``; returns the .model path."""
+def train_tokenizer(root: Path, user_defined: tuple[str, ...] = ()) -> Path:
+    """Train a LLaMA-style SentencePiece BPE model under ``root``; returns the .model path.
+    ``user_defined`` pieces come right after the three control pieces (ids 3, 4, ...)."""
     root.mkdir(parents=True, exist_ok=True)
-    prefix = root / "tokenizer"
+    prefix = root / ("tokenizer" if not user_defined else "tokenizer-user-defined")
     model_path = prefix.with_suffix(".model")
     if model_path.exists():
         return model_path
@@ -145,6 +153,7 @@ def train_tokenizer(root: Path) -> Path:
         character_coverage=1.0,
         num_threads=1,
         minloglevel=2,
+        user_defined_symbols=list(user_defined),
     )
     return model_path
 
@@ -165,6 +174,62 @@ def reference_tokenizer(sp_model_path: Path, *, with_image_token: bool) -> Token
         tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
         assert tok.convert_tokens_to_ids([IMAGE_TOKEN, PAD_TOKEN]) == [SP_VOCAB_SIZE, SP_VOCAB_SIZE + 1]
     return tok
+
+
+class SlowLlamaTokenizer:
+    """transformers 4's sentencepiece ``LlamaTokenizer`` (what the original LLaVA code loads with
+    ``use_fast=False``), which transformers 5 no longer has: its ``tokenize`` / ``_tokenize`` for
+    ``legacy`` True and False, with the added tokens split out first as ``PreTrainedTokenizer`` does."""
+
+    def __init__(self, sp_model_path: Path, *, legacy: bool, added: dict[str, int] | None = None) -> None:
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(sp_model_path.read_bytes())
+        if not legacy:
+            proto.normalizer_spec.add_dummy_prefix = False  # LlamaTokenizer.get_spm_processor
+        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.legacy = legacy
+        self.bos_token_id = 1
+        self.added = {"<unk>": 0, "<s>": 1, "</s>": 2, **(added or {})}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
+        self.unk_token_length = len(self.sp.encode("<unk>", out_type=str))
+
+    def tokenize(self, text: str) -> list[str]:
+        if self.legacy or not text:
+            return self._tokenize_with_added(text)
+        tokens = self._tokenize_with_added("\u2581" + text.replace("\u2581", " "))
+        if len(tokens) > 1 and tokens[0] == "\u2581" and tokens[1] in self.added:
+            tokens = tokens[1:]
+        return tokens
+
+    def _tokenize_with_added(self, text: str) -> list[str]:
+        out: list[str] = []
+        for part in self._split.split(text):
+            if part in self.added:
+                out.append(part)
+            elif part:
+                out += self._tokenize(part)
+        return out
+
+    def _tokenize(self, text: str) -> list[str]:
+        tokens = self.sp.encode(text, out_type=str)
+        if self.legacy or not text.startswith(("\u2581", " ")):
+            return tokens
+        tokens = self.sp.encode("<unk>" + text, out_type=str)
+        return tokens[self.unk_token_length:] if len(tokens) >= self.unk_token_length else tokens
+
+    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        return [self.added[t] if t in self.added else self.sp.piece_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        inverse = {v: k for k, v in self.added.items()}
+        return [inverse.get(i) or self.sp.id_to_piece(i) for i in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**{self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())}, **self.added}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> BatchEncoding:
+        ids = self.convert_tokens_to_ids(self.tokenize(text))
+        return BatchEncoding({"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids})
 
 
 def _added_token(content: str) -> dict[str, Any]:
@@ -197,12 +262,15 @@ def write_tokenizer_files(
 ) -> None:
     if files not in TOKENIZER_FILES:
         raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {files!r}")
-    if files in ("both", "model"):
+    if files != "json":
         shutil.copyfile(sp_model_path, dest / "tokenizer.model")
     if files in ("both", "json"):
         _write_json(dest / "tokenizer.json", llama_tokenizer_json(tokenizer))
     decoder = {str(i): _added_token(t) for i, t in enumerate(["<unk>", "<s>", "</s>"])}
-    if llava_hf:
+    has_pad = llava_hf and files != "model-user-defined"
+    if llava_hf and files == "added-tokens-json":
+        _write_json(dest / "added_tokens.json", {IMAGE_TOKEN: SP_VOCAB_SIZE, PAD_TOKEN: SP_VOCAB_SIZE + 1})
+    elif llava_hf and files != "model-user-defined":
         decoder[str(SP_VOCAB_SIZE)] = _added_token(IMAGE_TOKEN)
         decoder[str(SP_VOCAB_SIZE + 1)] = _added_token(PAD_TOKEN)
     config: dict[str, Any] = {
@@ -214,7 +282,7 @@ def write_tokenizer_files(
         "eos_token": "</s>",
         "legacy": False,
         "model_max_length": model_max_length,
-        "pad_token": PAD_TOKEN if llava_hf else None,
+        "pad_token": PAD_TOKEN if has_pad else None,
         "padding_side": "left" if llava_hf else "right",
         "sp_model_kwargs": {},
         "tokenizer_class": "LlamaTokenizer",
@@ -225,7 +293,7 @@ def write_tokenizer_files(
     _write_json(dest / "tokenizer_config.json", config)
     _write_json(dest / "special_tokens_map.json", {
         "bos_token": "<s>", "eos_token": "</s>",
-        "pad_token": PAD_TOKEN if llava_hf else "<unk>", "unk_token": "<unk>",
+        "pad_token": PAD_TOKEN if has_pad else "<unk>", "unk_token": "<unk>",
     })
 
 
@@ -240,23 +308,24 @@ def vision_config() -> CLIPVisionConfig:
     )
 
 
-def text_config(llm: str, vocab_size: int, pad_token_id: int | None) -> LlamaConfig | MistralConfig:
+def text_config(llm: str, vocab_size: int, pad_token_id: int | None,
+                rope_theta: float | None = None) -> LlamaConfig | MistralConfig:
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id,
     )
     if llm == "llama":
-        return LlamaConfig(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, **common)
+        return LlamaConfig(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=rope_theta or 10000.0, **common)
     if llm == "mistral":
-        return MistralConfig(num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e6,
+        return MistralConfig(num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=rope_theta or 1e6,
                              sliding_window=None, **common)
     raise ValueError(f"llm must be one of {LLMS}, got {llm!r}")
 
 
 def build_reference(llava_version: str, llm: str, *, vocab_size: int, image_token_id: int,
-                    pad_token_id: int | None) -> torch.nn.Module:
-    text = text_config(llm, vocab_size, pad_token_id)
+                    pad_token_id: int | None, rope_theta: float | None = None) -> torch.nn.Module:
+    text = text_config(llm, vocab_size, pad_token_id, rope_theta)
     common = dict(
         vision_config=vision_config(), text_config=text, image_token_index=image_token_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -602,11 +671,15 @@ def build_checkpoint(
     tokenizer_files: str | None = None,
     seed: int = 0,
     sp_model_path: Path | None = None,
+    rope_theta: float | None = None,
 ) -> TinyCheckpoint:
     """Write a tiny random checkpoint under ``root`` and return it with its reference.
 
     ``tokenizer_files`` defaults to "both" for llava-hf and "model" for original (what
-    those repos ship). ``sp_model_path`` reuses an already trained tokenizer.
+    those repos ship). ``sp_model_path`` reuses an already trained tokenizer. ``rope_theta``
+    overrides the LLM's RoPE base (llama 1e4, mistral 1e6 by default).
+    The reference tokenizer is what the reference loads from the written files: transformers'
+    ``AutoTokenizer`` for llava-hf, transformers 4's slow ``LlamaTokenizer`` for the original layout.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -615,18 +688,27 @@ def build_checkpoint(
     llava_hf = layout == "llava-hf"
     if tokenizer_files is None:
         tokenizer_files = "both" if llava_hf else "model"
-    if sp_model_path is None:
+    if tokenizer_files not in TOKENIZER_FILES:
+        raise ValueError(f"tokenizer_files must be one of {TOKENIZER_FILES}, got {tokenizer_files!r}")
+    user_defined = tokenizer_files == "model-user-defined"
+    if user_defined:
+        sp_model_path = train_tokenizer(root / "sentencepiece-user-defined", (IMAGE_TOKEN,))
+    elif sp_model_path is None:
         sp_model_path = train_tokenizer(root / "sentencepiece")
-    tokenizer = reference_tokenizer(sp_model_path, with_image_token=llava_hf)
+    json_tokenizer = reference_tokenizer(sp_model_path, with_image_token=llava_hf and not user_defined)
 
-    if llava_hf:
+    if llava_hf and user_defined:
+        # <image> is sentencepiece's own piece 3; no pad token
+        model = build_reference(llava_version, llm, vocab_size=SP_VOCAB_SIZE, image_token_id=USER_DEFINED_IMAGE_ID,
+                                pad_token_id=0, rope_theta=rope_theta)
+    elif llava_hf:
         # <image> = sp vocab, <pad> = sp vocab + 1
         model = build_reference(llava_version, llm, vocab_size=SP_VOCAB_SIZE + 2,
-                                image_token_id=SP_VOCAB_SIZE, pad_token_id=SP_VOCAB_SIZE + 1)
+                                image_token_id=SP_VOCAB_SIZE, pad_token_id=SP_VOCAB_SIZE + 1, rope_theta=rope_theta)
     else:
         # No image token in the vocab: the reference marks image positions with <unk>.
         model = build_reference(llava_version, llm, vocab_size=SP_VOCAB_SIZE, image_token_id=0,
-                                pad_token_id=0)
+                                pad_token_id=0, rope_theta=rope_theta)
     randomize_(model, seed)
     if save_dtype != torch.float32:
         if llava_hf or llava_version == "1.6":
@@ -639,7 +721,7 @@ def build_checkpoint(
             round_trip_(model.lm_head, save_dtype)
 
     name = (f"{layout}-{llava_version}-{llm}-s{spelling}-{_DTYPE_NAMES[save_dtype]}"
-            f"-{max_shard_size or 'single'}-{tokenizer_files}-{seed}")
+            f"-{max_shard_size or 'single'}-{tokenizer_files}-{seed}" + (f"-rope{rope_theta:g}" if rope_theta else ""))
     path = root / name
     if path.exists():
         shutil.rmtree(path)
@@ -654,8 +736,15 @@ def build_checkpoint(
             shutil.rmtree(clip_path)
         write_original(path, clip_path, model, llava_version, llm, save_dtype=save_dtype,
                        max_shard_size=max_shard_size, seed=seed)
-    write_tokenizer_files(path, tokenizer, sp_model_path, files=tokenizer_files, llava_hf=llava_hf,
+    write_tokenizer_files(path, json_tokenizer, sp_model_path, files=tokenizer_files, llava_hf=llava_hf,
                           model_max_length=2048 if llava_version == "1.5" else 4096)
+    legacy = json.loads((path / "tokenizer_config.json").read_text()).get("legacy")
+    tokenizer: Any = (AutoTokenizer.from_pretrained(str(path)) if llava_hf
+                      else SlowLlamaTokenizer(sp_model_path, legacy=True if legacy is None else legacy))
+    if llava_hf and tokenizer_files == "added-tokens-json":
+        # transformers 5 no longer reads added_tokens.json; transformers 4 (which wrote such repos) added them
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (IMAGE_TOKEN, PAD_TOKEN)])
+        assert tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, PAD_TOKEN]) == [SP_VOCAB_SIZE, SP_VOCAB_SIZE + 1]
     return TinyCheckpoint(
         path=path,
         clip_path=clip_path,
@@ -666,5 +755,5 @@ def build_checkpoint(
         tokenizer=tokenizer,
         sp_model_path=sp_model_path,
         image_processor=reference_image_processor(llava_version, pad_to_square=not llava_hf),
-        image_token_id=SP_VOCAB_SIZE if llava_hf else None,
+        image_token_id=(USER_DEFINED_IMAGE_ID if user_defined else SP_VOCAB_SIZE) if llava_hf else None,
     )

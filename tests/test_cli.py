@@ -97,8 +97,8 @@ def narrow_mmproj(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> P
     """An mmproj projecting to width 32, from a checkpoint whose LLM is 32 wide (the others are 64)."""
     original = checkpoints.text_config
 
-    def narrow(llm: str, vocab_size: int, pad_token_id: int | None) -> Any:
-        config = original(llm, vocab_size, pad_token_id)
+    def narrow(llm: str, vocab_size: int, pad_token_id: int | None, rope_theta: float | None = None) -> Any:
+        config = original(llm, vocab_size, pad_token_id, rope_theta)
         return type(config)(**{**config.to_dict(), "hidden_size": 32, "head_dim": 8})
 
     root = tmp_path_factory.mktemp("narrow")

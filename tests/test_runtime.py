@@ -69,20 +69,21 @@ def reference_features(ckpt: TinyCheckpoint, images: list[Image.Image]) -> list[
 
 
 def reference_ids(ckpt: TinyCheckpoint, prompt: str, counts: list[int]) -> list[int]:
-    """input_ids as the reference builds them, each image expanded to its feature count."""
+    """input_ids as the reference builds them, each image expanded to its feature count.
+
+    llava-hf (LlavaProcessor): the whole prompt in one pass, ``<image>`` a token of its own.
+    original (``tokenizer_image_token``): every chunk tokenized on its own, its BOS dropped.
+    """
+    if ckpt.layout == "llava-hf":
+        whole = list(ckpt.tokenizer(prompt).input_ids)
+        assert whole.count(ckpt.image_token_id) == len(counts)
+        queue = iter(counts)
+        return [t for tok in whole for t in ([tok] * next(queue) if tok == ckpt.image_token_id else [tok])]
     chunks = prompt.split("<image>")
     ids = list(ckpt.tokenizer(chunks[0]).input_ids)
     for n, chunk in zip(counts, chunks[1:]):
         ids += [ckpt.placeholder_id] * n
-        if ckpt.layout == "llava-hf":
-            ids += ckpt.tokenizer(chunk, add_special_tokens=False).input_ids
-        else:  # tokenizer_image_token: every chunk tokenized on its own, its BOS dropped
-            ids += ckpt.tokenizer(chunk).input_ids[1:]
-    if ckpt.layout == "llava-hf":  # one pass over the whole prompt, <image> a special token
-        whole = ckpt.tokenizer(prompt.replace("<image>", "<image>" * 1)).input_ids
-        expanded = [t for tok in whole for t in ([tok] * counts[0] if tok == ckpt.image_token_id else [tok])]
-        if len(counts) == 1:
-            assert expanded == ids
+        ids += ckpt.tokenizer(chunk).input_ids[1:]
     return ids
 
 
