@@ -21,7 +21,6 @@ from llava_gguf.errors import ModelLoadError
 from llava_gguf.metadata import LlavaKeys
 
 ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
-_SPECIAL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
 
 
 def _flag(metadata: dict[str, str], key: str, default: bool) -> bool:
@@ -55,7 +54,9 @@ class Tokenizer:
         return bos + ids
 
     def _starts_with_special(self, ids: list[int], text: str) -> bool:
-        if not ids or not llama_cpp.llama_vocab_get_attr(self.model.vocab, ids[0]) & _SPECIAL:
+        """Whether the text opens with a special (control) token, which takes no prefix before it;
+        a non-special added token (user-defined) still gets a lone "▁" before it, as in the reference."""
+        if not ids or not llama_cpp.llama_vocab_get_attr(self.model.vocab, ids[0]) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
             return False
         return text.encode("utf-8").startswith(self.model.token_to_piece(ids[0], special=True).rstrip(b"\0"))
 

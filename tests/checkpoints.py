@@ -267,7 +267,8 @@ def write_tokenizer_files(
     if files in ("both", "json"):
         _write_json(dest / "tokenizer.json", llama_tokenizer_json(tokenizer))
     decoder = {str(i): _added_token(t) for i, t in enumerate(["<unk>", "<s>", "</s>"])}
-    has_pad = llava_hf and files != "model-user-defined"
+    # added-tokens-json: only added_tokens.json names <pad> (transformers 5 would add a mapped pad token itself)
+    has_pad = llava_hf and files not in ("model-user-defined", "added-tokens-json")
     if llava_hf and files == "added-tokens-json":
         _write_json(dest / "added_tokens.json", {IMAGE_TOKEN: SP_VOCAB_SIZE, PAD_TOKEN: SP_VOCAB_SIZE + 1})
     elif llava_hf and files != "model-user-defined":

@@ -105,7 +105,7 @@ def reference_run(ckpt: TinyCheckpoint, prompt: str, images: list[Image.Image], 
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES[:3])  # original-layout LLaVA 1.6 follows the original code: test_original.py
 @pytest.mark.parametrize("size", [(90, 50), (30, 120), (56, 56), (1, 1), (400, 300)])
 def test_packed_features_match(pair, case, size) -> None:
     ckpt, model = pair(case)
