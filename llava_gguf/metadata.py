@@ -17,6 +17,10 @@ import gguf
 from llava_gguf.errors import GGUFFormatError, ModelLoadError
 
 FORMAT_VERSION = 1
+# bumped whenever the converter writes different files for the same checkpoint (the conversion
+# cache keys on it, so conversions made before a fix are made again): 2 = RoPE from
+# rope_parameters, sentencepiece piece types, tokenizer.space_after_special
+CONVERTER_REVISION = 2
 
 
 class Layout(str, enum.Enum):

@@ -28,6 +28,7 @@ from pathlib import Path
 from llava_gguf.convert.source import is_repo_id
 from llava_gguf.errors import ModelLoadError
 from llava_gguf.hub import how_to_get, hub_errors
+from llava_gguf.metadata import CONVERTER_REVISION
 from llava_gguf.model import find_gguf_pair
 from llava_gguf.paths import models_dir
 
@@ -154,7 +155,7 @@ def pick_gguf_files(names: Sequence[str], quant: str | None, where: str) -> tupl
 
 def conversion_dir(source: str, fingerprint: str, revision: str | None, quant: str, mmproj_type: str) -> Path:
     """Where a checkpoint converted with these settings lives in the cache."""
-    key = json.dumps([source, fingerprint, revision or "main", quant, mmproj_type])
+    key = json.dumps([source, fingerprint, revision or "main", quant, mmproj_type, CONVERTER_REVISION])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     name = re.sub(r"[^\w.\-]+", "_", source.rstrip("/").split("/")[-1]) or "model"
     return models_dir() / f"{name}-{quant}-{digest}"

@@ -254,6 +254,13 @@ def test_truncated_safetensors(tmp_path: Path, tiny_checkpoint) -> None:
     _convert_fails(src, tmp_path / "out", "not a safetensors file")
 
 
+def test_corrupt_tokenizer_model(tmp_path: Path, tiny_checkpoint) -> None:
+    """A broken tokenizer.model is the project's one-line error, not protobuf's traceback."""
+    src = _copy(tiny_checkpoint(), tmp_path / "src")
+    (src / "tokenizer.model").write_bytes(b"\x0a\xff\xff garbage")
+    _convert_fails(src, tmp_path / "out", "not a SentencePiece model")
+
+
 def test_missing_tensor(tmp_path: Path, tiny_checkpoint) -> None:
     from safetensors.numpy import load_file, save_file
 
