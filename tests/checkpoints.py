@@ -25,8 +25,8 @@ from typing import Any
 
 import sentencepiece as spm
 import torch
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from safetensors.torch import save_file
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from transformers import (
     AddedToken,
     AutoTokenizer,
