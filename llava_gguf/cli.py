@@ -185,6 +185,8 @@ def inspect(state: CLIState, file: Path, as_json: bool) -> None:
     for section in ("hyperparameters", "llava_gguf", "tokenizer"):
         for key, value in (info.get(section) or {}).items():
             table.add_row(key if section != "tokenizer" else f"tokenizer.{key}", str(value))
+    if info.get("reference"):
+        table.add_row("reference", str(info["reference"]))
     if info.get("template"):
         table.add_row("template", str(info["template"]))
     if info.get("chat_template"):

@@ -8,7 +8,13 @@ from typing import Any
 
 import gguf
 
-from llava_gguf.metadata import ClipKeys, GGUFFields, LlavaKeys, read_gguf
+from llava_gguf.metadata import ClipKeys, GGUFFields, Layout, LlavaKeys, read_gguf
+
+# whose answers the runtime reproduces for a checkpoint of each layout
+REFERENCES = {
+    Layout.LLAVA_HF.value: "transformers (LlavaForConditionalGeneration / LlavaNextForConditionalGeneration)",
+    Layout.ORIGINAL.value: "the original LLaVA code (pinpoints as width x height, truncating unpad)",
+}
 
 _SUMMARY_KEYS = {
     "llama": [
@@ -46,6 +52,9 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         },
         "llava_gguf": {k: fields.get(k) for k in fields.keys() if k.startswith("llava_gguf.")},
     }
+    layout = fields.get(LlavaKeys.LAYOUT)
+    if layout is not None:
+        info["reference"] = REFERENCES.get(layout, layout)
     if arch != "clip":
         tokens = fields.get(gguf.Keys.Tokenizer.LIST)
         info["tokenizer"] = {

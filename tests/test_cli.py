@@ -234,6 +234,8 @@ def test_convert_and_inspect(tiny_checkpoint, tmp_path: Path, quant: str) -> Non
     info = json_of(run("inspect", str(llm), "--json"))
     assert info["architecture"] == "llama" and info["file_type"] == quant
     assert info["template"] and info["tokenizer"]["tokens"] == ckpt.model.config.text_config.vocab_size
+    assert info["reference"].startswith("transformers")
+    assert info["llava_gguf"]["llava_gguf.tokenizer.space_after_special"] is True  # tokenizer.json's Prepend
     assert json_of(run("inspect", str(mmproj), "--json"))["architecture"] == "clip"
     text = run("inspect", str(llm))
     assert text.exit_code == 0 and "architecture" in text.stdout and quant in text.stdout
