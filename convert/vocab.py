@@ -9,7 +9,6 @@ a checkpoint ships only ``tokenizer.json``, from that file's BPE vocabulary. Add
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,9 +134,8 @@ def _from_tokenizer_json(directory: Path) -> Vocabulary:
         else:
             types[tid] = int(gguf.TokenType.NORMAL)
             scores[tid] = -float(tid)  # SentencePiece BPE ranks pieces by id: earlier merges score higher
-    text = json.dumps(data.get("normalizer")) + json.dumps(data.get("pre_tokenizer"))
-    add_prefix = '"prepend": "\\u2581"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
-    return Vocabulary(tokens, scores, types, add_space_prefix=add_prefix)
+    prepends, schemes = _prefix_steps(data)
+    return Vocabulary(tokens, scores, types, add_space_prefix=prepends or bool({"first", "always"} & set(schemes)))
 
 
 def read_vocabulary(directory: Path, n_vocab: int) -> Vocabulary:
@@ -179,6 +177,15 @@ def _walk(node: object, kind: str) -> list[dict]:
     return found
 
 
+def _prefix_steps(data: dict) -> tuple[bool, list[str]]:
+    """How a tokenizer.json pipeline adds the "▁" prefix: (a Prepend "▁" normalizer, the Metaspace
+    pre-tokenizers' prepend schemes)."""
+    prepends = any(n.get("prepend") == "\u2581" for n in _walk(data.get("normalizer"), "Prepend"))
+    schemes = [m.get("prepend_scheme", "always" if m.get("add_prefix_space") else "never")
+               for m in _walk(data.get("pre_tokenizer"), "Metaspace")]
+    return prepends, schemes
+
+
 def space_after_special(directory: Path, layout: Layout) -> bool:
     """Whether the checkpoint's reference tokenizer puts "▁" before text that follows a special token
     (transformers' legacy behaviour, and llama.cpp's), or only at the start of the string."""
@@ -189,12 +196,9 @@ def space_after_special(directory: Path, layout: Layout) -> bool:
         return True if legacy is None else bool(legacy)
     tokenizer_json = directory / "tokenizer.json"
     if tokenizer_json.is_file():  # transformers runs this file's pipeline
-        data = read_json(tokenizer_json)
-        if any(n.get("prepend") == "\u2581" for n in _walk(data.get("normalizer"), "Prepend")):
-            return True  # the normalizer runs on each stretch of text between added tokens
-        schemes = [m.get("prepend_scheme", "always" if m.get("add_prefix_space") else "never")
-                   for m in _walk(data.get("pre_tokenizer"), "Metaspace")]
-        return "always" in schemes
+        prepends, schemes = _prefix_steps(read_json(tokenizer_json))
+        # a Prepend normalizer runs on each stretch of text between added tokens
+        return prepends or "always" in schemes
     # tokenizer.model alone: transformers 5's LlamaTokenizer, non-legacy unless the config says legacy
     return bool(legacy)
 

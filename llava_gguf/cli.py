@@ -72,7 +72,7 @@ def reported_errors(state: CLIState) -> Iterator[None]:
             raise
         err_console.print("interrupted")
         sys.exit(130)
-    except (click.exceptions.Exit, click.ClickException, SystemExit):
+    except (click.exceptions.Exit, click.ClickException):  # click's own exits and usage errors
         raise
     except Exception as e:  # a bug here or in a dependency: still one line, the traceback on --debug
         if state.debug:

@@ -153,12 +153,7 @@ class LlamaRuntime:
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (special tokens rendered as text)."""
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:n]
+        return self.tokenizer.token_bytes(token)
 
     @property
     def add_bos(self) -> bool:

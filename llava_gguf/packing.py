@@ -83,13 +83,20 @@ def _scaled(size: int, scale: float, truncate: bool) -> int:
     return int(size * scale) if truncate else int(round(size * scale, 7))
 
 
-def unpadded_grid_shape(image_size_hw: tuple[int, int], settings: VisionSettings) -> tuple[int, int]:
-    """(height, width) in patches of the tile grid once the padding is cut away."""
+def unpad_layout(
+    image_size_hw: tuple[int, int], settings: VisionSettings
+) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(rows, cols) of tiles and the (top, bottom, left, right) of their patch grid that is image,
+    by the rules of the layout's reference."""
     side = settings.patches_per_side
     rows, cols = anyres_grid_shape(image_size_hw, settings.pinpoints_hw, settings.image_size)
-    top, bottom, left, right = unpad_bounds(
-        (rows * side, cols * side), image_size_hw, truncate=settings.follows_original_code
-    )
+    bounds = unpad_bounds((rows * side, cols * side), image_size_hw, truncate=settings.follows_original_code)
+    return rows, cols, bounds
+
+
+def unpadded_grid_shape(image_size_hw: tuple[int, int], settings: VisionSettings) -> tuple[int, int]:
+    """(height, width) in patches of the tile grid once the padding is cut away."""
+    _, _, (top, bottom, left, right) = unpad_layout(image_size_hw, settings)
     return bottom - top, right - left
 
 
@@ -115,7 +122,7 @@ def pack_image_features(
     if n_tiles == 1:
         return np.concatenate([features[0], newline[None]], axis=0)  # [n_patches + 1, d]
     side = settings.patches_per_side
-    rows, cols = anyres_grid_shape(image_size_hw, settings.pinpoints_hw, settings.image_size)
+    rows, cols, (top, bottom, left, right) = unpad_layout(image_size_hw, settings)
     if (n_tiles - 1, n_patches) != (rows * cols, side * side):
         raise ImageError(
             f"image of {image_size_hw} needs {rows * cols} tiles of {side * side} patches plus the base tile, "
@@ -125,9 +132,6 @@ def pack_image_features(
     grid = features[1:].reshape(rows, cols, side, side, dim)  # [rows, cols, h, w, d]
     grid = grid.transpose(4, 0, 2, 1, 3)  # [d, rows, h, cols, w]
     grid = grid.reshape(dim, rows * side, cols * side)  # [d, rows*h, cols*w]
-    top, bottom, left, right = unpad_bounds(
-        (rows * side, cols * side), image_size_hw, truncate=settings.follows_original_code
-    )
     grid = grid[:, top:bottom, left:right]  # [d, H, W]
     newlines = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1))  # [d, H, 1]
     grid = np.concatenate([grid, newlines], axis=-1)  # [d, H, W + 1]

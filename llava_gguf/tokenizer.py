@@ -58,7 +58,16 @@ class Tokenizer:
         a non-special added token (user-defined) still gets a lone "▁" before it, as in the reference."""
         if not ids or not llama_cpp.llama_vocab_get_attr(self.model.vocab, ids[0]) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
             return False
-        return text.encode("utf-8").startswith(self.model.token_to_piece(ids[0], special=True).rstrip(b"\0"))
+        return text.encode("utf-8").startswith(self.token_bytes(ids[0]))
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens rendered as text)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
 
     def _plain_vocab(self) -> _internals.LlamaModel:
         """The same vocabulary with ``add_space_prefix`` off (loaded once, vocabulary only)."""
