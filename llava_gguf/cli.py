@@ -185,6 +185,13 @@ def inspect(state: CLIState, file: Path, as_json: bool) -> None:
     for section in ("hyperparameters", "llava_gguf", "tokenizer"):
         for key, value in (info.get(section) or {}).items():
             table.add_row(key if section != "tokenizer" else f"tokenizer.{key}", str(value))
+    llava = info.get("llava") or {}
+    if llava.get("error"):
+        table.add_row("llava", f"[red]{llava['error']}[/]")
+    elif llava:
+        table.add_row("llava", f"LLaVA {llava['version']}, {llava['image_mode']}")
+        for note in llava["inferred"]:
+            table.add_row("inferred", note)
     if info.get("reference"):
         table.add_row("reference", str(info["reference"]))
     if info.get("template"):
@@ -220,6 +227,7 @@ class RunSettings:
     seed: int | None
     max_tokens: int
     template: str | None
+    llava_version: str | None
     system: str | None
     no_cache: bool
     low_memory: bool
@@ -240,6 +248,7 @@ class RunSettings:
             llama=llama, encoder=EncoderChoice(self.encoder),
             cache_dir=None if self.no_cache else features_dir(),
             template=Template(self.template) if self.template else None,
+            llava_version=self.llava_version,
             low_memory=self.low_memory,
         )
 
@@ -251,8 +260,9 @@ class RunSettings:
 
 _RUN_OPTIONS = [
     click.option("-m", "--model", envvar=MODEL_ENV, show_envvar=True,
-                 help="A directory with an LLM GGUF and an mmproj GGUF, an LLM .gguf, a Hub repo of GGUF pairs, or a "
-                      "Hugging Face checkpoint (directory or repo id; converted once into the cache)."),
+                 help="A directory with an LLM GGUF and an mmproj GGUF, an LLM .gguf, a Hub repo of GGUF pairs, an "
+                      "ollama model (ollama:llava:7b), or a Hugging Face checkpoint (directory or repo id; converted "
+                      "once into the cache)."),
     click.option("--llm", type=click.Path(dir_okay=False, path_type=Path), help="The LLM GGUF (with --mmproj)."),
     click.option("--mmproj", type=click.Path(dir_okay=False, path_type=Path), help="The mmproj GGUF (with --llm)."),
     click.option("--quant", help="LLM file type: which GGUF of a Hub repo, or what to convert a checkpoint to "
@@ -279,7 +289,10 @@ _RUN_OPTIONS = [
     click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
                  help="Longest answer in tokens."),
     click.option("--template", type=click.Choice([t.value for t in Template]),
-                 help="Conversation template [default: the one the GGUF names]."),
+                 help="Conversation template [default: the one the GGUF names; guessed for other tools' files]."),
+    click.option("--llava-version", type=click.Choice(["1.5", "1.6"]),
+                 help="Treat the mmproj as LLaVA 1.5 (padded square) or 1.6 (anyres tiles) [default: the file's; "
+                      "inferred for other tools' files]."),
     click.option("--system", help="System prompt [default: the template's]."),
     click.option("--no-cache", is_flag=True, help="Do not keep image features on disk across runs."),
     click.option("--low-memory", is_flag=True, help="q8_0 KV cache, the smallest context that fits, mmap."),
@@ -346,8 +359,10 @@ def _load_model(settings: RunSettings, *, quiet: bool, n_ctx_hint: Callable[[Mod
         files = resolve_model(request, _conversion_progress(progress), event)
     if not quiet:
         _report_memory(files, settings, settings.ctx_size or n_ctx_hint(files))
-    model = LlavaModel(files.llm, files.mmproj, settings.runtime_options())
+    model = LlavaModel(files.llm, files.mmproj, settings.runtime_options(), template_hint=files.template_hint)
     if not quiet:
+        if model.inference_note:  # files made by other tools: what was inferred, in one line
+            event(f"{model.inference_note}; use --template / --llava-version to change")
         event(model.encoder_reason)  # once, in one line: which vision encoder, and why
     return model
 
@@ -425,7 +440,9 @@ def ask(state: CLIState, question: tuple[str, ...], images: tuple[str, ...], as_
         sizes = _check_images(images)
 
         def n_ctx_hint(files: ModelFiles) -> int | None:
-            return context_needed(files.mmproj, sizes, settings.max_tokens) if not settings.ctx_size else None
+            if settings.ctx_size:
+                return None
+            return context_needed(files.mmproj, sizes, settings.max_tokens, llava_version=settings.llava_version)
 
         model = _load_model(settings, quiet=quiet, n_ctx_hint=n_ctx_hint)
         try:
@@ -452,7 +469,9 @@ def ask(state: CLIState, question: tuple[str, ...], images: tuple[str, ...], as_
                 "n_prompt_tokens": t.n_prompt_tokens,
                 "n_image_tokens": t.n_image_tokens,
                 "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s},
-                "model": {"llm": str(model.llm_path), "mmproj": str(model.mmproj_path)},
+                "model": {"llm": str(model.llm_path), "mmproj": str(model.mmproj_path),
+                          "llava_version": model.settings.llava_version, "template": model.template.value,
+                          "inferred": model.inference_note},
             }, ensure_ascii=False))
         finally:
             model.close()

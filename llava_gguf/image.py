@@ -163,7 +163,7 @@ def image_digest(image: Image.Image, settings: VisionSettings) -> str:
 
 
 def describe_settings(settings: VisionSettings) -> str:
-    """Canonical JSON of the settings that shape an image's features (`extra` excluded)."""
+    """Canonical JSON of the settings that shape an image's features (`inferred` excluded)."""
     values = {f.name: plain_value(getattr(settings, f.name)) for f in dataclasses.fields(settings) if f.compare}
     return json.dumps(values, sort_keys=True)
 

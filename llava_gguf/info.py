@@ -8,7 +8,9 @@ from typing import Any
 
 import gguf
 
-from llava_gguf.metadata import ClipKeys, GGUFFields, Layout, LlavaKeys, read_gguf
+from llava_gguf.errors import GGUFFormatError
+from llava_gguf.guess import guess_template
+from llava_gguf.metadata import ClipKeys, GGUFFields, Layout, LlavaKeys, VisionSettings, read_gguf
 
 # whose answers the runtime reproduces for a checkpoint of each layout
 REFERENCES = {
@@ -53,6 +55,15 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         "llava_gguf": {k: fields.get(k) for k in fields.keys() if k.startswith("llava_gguf.")},
     }
     layout = fields.get(LlavaKeys.LAYOUT)
+    if arch == "clip":
+        try:
+            settings = VisionSettings.read(reader)
+        except GGUFFormatError as e:
+            info["llava"] = {"error": str(e)}
+        else:
+            layout = settings.layout
+            info["llava"] = {"version": settings.llava_version, "image_mode": settings.image_mode.value,
+                             "inferred": list(settings.inferred)}
     if layout is not None:
         info["reference"] = REFERENCES.get(layout, layout)
     if arch != "clip":
@@ -66,6 +77,11 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
             "add_bos_token": fields.get(gguf.Keys.Tokenizer.ADD_BOS),
         }
         info["template"] = fields.get(LlavaKeys.TEMPLATE)
+        if info["template"] is None and tokens:  # another tool's file: the runtime's guess
+            vocabulary = set(tokens)
+            metadata = {key: fields.get(key) for key in fields.keys() if not key.startswith("tokenizer.ggml.")}
+            guess = guess_template(metadata, vocabulary.__contains__)
+            info["template"] = f"{guess.template.value} (guessed from {guess.reason})"
         info["chat_template"] = fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     return info
 

@@ -155,6 +155,11 @@ class LlamaRuntime:
         """The bytes a token stands for (special tokens rendered as text)."""
         return self.tokenizer.token_bytes(token)
 
+    def is_one_token(self, text: str) -> bool:
+        """Whether the vocabulary holds ``text`` as a single (special or plain) token."""
+        tokens = self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return len(tokens) == 1 and self.token_bytes(tokens[0]) == text.encode("utf-8")
+
     @property
     def add_bos(self) -> bool:
         return self.model.add_bos_token()

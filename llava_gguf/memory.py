@@ -49,9 +49,11 @@ def available_memory() -> int | None:
 
 
 def context_needed(mmproj: Path, image_sizes_hw: Sequence[tuple[int, int]], max_tokens: int,
-                   text_tokens: int = 256) -> int:
+                   text_tokens: int = 256, llava_version: str | None = None) -> int:
     """Positions a one-shot request needs: its images' tokens, some text and the answer."""
     settings = VisionSettings.read(read_gguf(mmproj))
+    if llava_version is not None:
+        settings = settings.with_llava_version(llava_version)
     return sum(count_image_tokens(size, settings) for size in image_sizes_hw) + text_tokens + max_tokens
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gguf
@@ -32,12 +32,19 @@ class Layout(str, enum.Enum):
 
 
 class ClipKeys:
-    """llama.cpp clip keys (tools/mtmd/clip-impl.h) that `gguf.Keys` lacks."""
+    """llama.cpp clip keys (tools/mtmd/clip-impl.h and its legacy converter) that `gguf.Keys` lacks."""
 
     FEATURE_LAYER = "clip.vision.feature_layer"
     IMAGE_GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"
     MM_PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"
+    IMAGE_ASPECT_RATIO = "clip.vision.image_aspect_ratio"  # the original config's "pad" / "anyres"
+    HAS_MINICPMV_PROJECTOR = "clip.has_minicpmv_projector"
     PROJECTOR_MLP = "mlp"  # value of clip.projector_type for LLaVA's projector
+
+
+# LLaVA 1.6's image_grid_pinpoints (liuhaotian's and llava-hf's configs) for a 336 px tile
+LLAVA_16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+LLAVA_VERSIONS = ("1.5", "1.6")
 
 
 class LlavaKeys:
@@ -109,7 +116,8 @@ class VisionSettings:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     mm_patch_merge_type: str = "flat"  # "spatial_unpad" for LLaVA 1.6
     projector_hidden_act: str = "gelu"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # what the file did not say and was inferred, in words (files made by other tools)
+    inferred: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def patches_per_side(self) -> int:
@@ -141,19 +149,35 @@ class VisionSettings:
         writer.add_string(LlavaKeys.SELECT_STRATEGY, self.vision_feature_select_strategy.value)
         writer.add_string(LlavaKeys.PROJECTOR_ACT, self.projector_hidden_act)
 
+    @property
+    def description(self) -> str:
+        """In words, e.g. "LLaVA 1.6 (anyres, the original LLaVA code's rules)"."""
+        rules = "original LLaVA rules" if self.follows_original_code else "transformers rules"
+        return f"LLaVA {self.llava_version} ({self.image_mode.value}, {rules})"
+
+    def with_llava_version(self, version: str) -> VisionSettings:
+        """These settings for another LLaVA version (``--llava-version``): 1.5 pads to a square,
+        1.6 cuts anyres tiles (the file's pinpoints, else LLaVA 1.6's own scaled to the tile)."""
+        if version not in LLAVA_VERSIONS:
+            raise ValueError(f"LLaVA version must be one of {', '.join(LLAVA_VERSIONS)}, got {version!r}")
+        if version == self.llava_version:
+            return self
+        note = f"LLaVA {version} as asked (--llava-version)"
+        if version == "1.5":
+            return replace(self, llava_version=version, image_mode=ImageMode.PAD, image_grid_pinpoints=(),
+                           mm_patch_merge_type="flat", inferred=(*self.inferred, note))
+        grid = self.image_grid_pinpoints or _scaled_pinpoints(self.image_size)
+        return replace(self, llava_version=version, image_mode=ImageMode.ANYRES, image_grid_pinpoints=grid,
+                       mm_patch_merge_type="spatial_unpad", inferred=(*self.inferred, note))
+
     @classmethod
     def read(cls, reader: gguf.GGUFReader) -> VisionSettings:
+        """The settings of any LLaVA mmproj: written by llava-gguf's converter (``llava_gguf.*`` keys),
+        or by llama.cpp's legacy tools (only clip keys: the rest is inferred, see ``inferred``)."""
         fields = GGUFFields(reader)
-        if fields.get(gguf.Keys.General.ARCHITECTURE) != "clip":
-            raise GGUFFormatError(f"{reader.data.filename}: not an mmproj GGUF (general.architecture is not 'clip')")
+        check_llava_mmproj(fields)
         if fields.get(LlavaKeys.FORMAT_VERSION) is None:
-            raise GGUFFormatError(
-                f"{reader.data.filename}: mmproj GGUF was not written by llava-gguf's converter "
-                "(no llava_gguf.* keys); convert the checkpoint with `llava-gguf convert`"
-            )
-        pinpoints = fields.get(ClipKeys.IMAGE_GRID_PINPOINTS) or []
-        # flat [a0, b0, a1, b1, ...] -> ((a0, b0), (a1, b1), ...), the config's pairs
-        grid = tuple((int(pinpoints[i]), int(pinpoints[i + 1])) for i in range(0, len(pinpoints), 2))
+            return _infer_settings(fields)
         crop = fields.require(LlavaKeys.IMAGE_CROP_SIZE)
         return cls(
             llava_version=fields.require(LlavaKeys.LLAVA_VERSION),
@@ -163,16 +187,116 @@ class VisionSettings:
             patch_size=int(fields.require(gguf.Keys.ClipVision.PATCH_SIZE)),
             shortest_edge=int(fields.require(LlavaKeys.IMAGE_SHORTEST_EDGE)),
             crop_size=(int(crop[0]), int(crop[1])),
-            image_mean=tuple(float(x) for x in fields.require(gguf.Keys.ClipVision.IMAGE_MEAN)),  # type: ignore[arg-type]
-            image_std=tuple(float(x) for x in fields.require(gguf.Keys.ClipVision.IMAGE_STD)),  # type: ignore[arg-type]
+            image_mean=_triple(fields, gguf.Keys.ClipVision.IMAGE_MEAN),
+            image_std=_triple(fields, gguf.Keys.ClipVision.IMAGE_STD),
             resample=int(fields.require(LlavaKeys.IMAGE_RESAMPLE)),
             rescale_factor=float(fields.require(LlavaKeys.IMAGE_RESCALE_FACTOR)),
             vision_feature_layer=int(fields.require(LlavaKeys.SELECT_LAYER)),
             vision_feature_select_strategy=SelectStrategy(fields.require(LlavaKeys.SELECT_STRATEGY)),
-            image_grid_pinpoints=grid,
+            image_grid_pinpoints=_pinpoints(fields),
             mm_patch_merge_type=fields.get(ClipKeys.MM_PATCH_MERGE_TYPE) or "flat",
             projector_hidden_act=fields.require(LlavaKeys.PROJECTOR_ACT),
         )
+
+
+def check_llava_mmproj(fields: GGUFFields) -> None:
+    """A one-line error unless the file is an mmproj with LLaVA's MLP projector."""
+    name = fields.filename
+    arch = fields.get(gguf.Keys.General.ARCHITECTURE)
+    if arch != "clip":
+        raise GGUFFormatError(f"{name}: not an mmproj GGUF (general.architecture is {arch!r}, not 'clip')")
+    projector = fields.get(gguf.Keys.Clip.PROJECTOR_TYPE) or fields.get(gguf.Keys.ClipVision.PROJECTOR_TYPE)
+    if fields.get(ClipKeys.HAS_MINICPMV_PROJECTOR):
+        projector = projector or "resampler (MiniCPM-V)"
+    if projector is None and not fields.get(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR):
+        raise GGUFFormatError(
+            f"{name}: a CLIP model without a LLaVA projector (no clip.projector_type, "
+            "clip.has_llava_projector unset); give the mmproj made for the LLaVA model"
+        )
+    if projector is not None and projector != ClipKeys.PROJECTOR_MLP:
+        raise GGUFFormatError(
+            f"{name}: its projector is {projector!r}, not LLaVA's MLP ('mlp'); llava-gguf runs LLaVA 1.5 / 1.6 "
+            "mmproj files (for other models use llama.cpp's llama-mtmd-cli)"
+        )
+    has_tower = fields.get(gguf.Keys.Clip.HAS_VISION_ENCODER)
+    if has_tower is not None and not has_tower:
+        raise GGUFFormatError(f"{name}: clip.has_vision_encoder is false: the file holds no vision tower")
+
+
+def _infer_settings(fields: GGUFFields) -> VisionSettings:
+    """Settings of an mmproj written by llama.cpp's legacy converter (convert_image_encoder_to_gguf.py).
+
+    Those files come from liuhaotian's checkpoints, so the original LLaVA code is the reference:
+    LLaVA 1.6 when the file carries 1.6's keys or newline vector, else 1.5, whose original config pads
+    images to a square (``image_aspect_ratio: pad``); the image side is the tower's.
+    """
+    pinpoints = _pinpoints(fields)
+    merge = fields.get(ClipKeys.MM_PATCH_MERGE_TYPE)
+    aspect = fields.get(ClipKeys.IMAGE_ASPECT_RATIO)
+    has_newline = any(name in fields.tensor_names for name in NEWLINE_TENSORS)
+    signs = [what for what, present in (
+        (ClipKeys.IMAGE_GRID_PINPOINTS, bool(pinpoints)),
+        (f"{ClipKeys.MM_PATCH_MERGE_TYPE} = spatial_unpad", merge == "spatial_unpad"),
+        (f"{ClipKeys.IMAGE_ASPECT_RATIO} = {aspect}", str(aspect).startswith("anyres")),
+        ("an image_newline tensor", has_newline),
+    ) if present]
+    size = int(fields.require(gguf.Keys.ClipVision.IMAGE_SIZE))
+    inferred: list[str] = []
+    if signs:
+        version, mode = "1.6", ImageMode.ANYRES
+        inferred.append(f"LLaVA 1.6 from {signs[0]}")
+        if merge not in (None, "spatial_unpad"):
+            raise GGUFFormatError(
+                f"{fields.filename}: {ClipKeys.MM_PATCH_MERGE_TYPE} is {merge!r}; llava-gguf packs LLaVA 1.6 "
+                "images only as 'spatial_unpad' (LLaVA 1.6's own)"
+            )
+        if not pinpoints:
+            pinpoints = _scaled_pinpoints(size)
+            inferred.append("LLaVA 1.6's grid pinpoints (the file names none)")
+    else:
+        version = "1.5"
+        mode = ImageMode.CROP if aspect not in (None, "pad") else ImageMode.PAD
+        inferred.append("LLaVA 1.5 from the absence of LLaVA 1.6's keys and newline vector")
+        if aspect is None:
+            inferred.append("images padded to a square (LLaVA 1.5's image_aspect_ratio: pad)")
+    return VisionSettings(
+        llava_version=version,
+        layout=Layout.ORIGINAL.value,
+        image_mode=mode,
+        image_size=size,
+        patch_size=int(fields.require(gguf.Keys.ClipVision.PATCH_SIZE)),
+        shortest_edge=size,
+        crop_size=(size, size),
+        image_mean=_triple(fields, gguf.Keys.ClipVision.IMAGE_MEAN),
+        image_std=_triple(fields, gguf.Keys.ClipVision.IMAGE_STD),
+        image_grid_pinpoints=pinpoints,
+        mm_patch_merge_type="spatial_unpad" if version == "1.6" else "flat",
+        inferred=(*inferred, "the original LLaVA code as the reference (llama.cpp's converter takes liuhaotian "
+                             "checkpoints)"),
+    )
+
+
+# the newline vector's names: gguf-py's, and the legacy converter's (the checkpoint's own name)
+NEWLINE_TENSORS = (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_IMGNL], "model.image_newline")
+
+
+def _scaled_pinpoints(tile: int) -> tuple[tuple[int, int], ...]:
+    return tuple((a * tile // 336, b * tile // 336) for a, b in LLAVA_16_PINPOINTS)
+
+
+def _pinpoints(fields: GGUFFields) -> tuple[tuple[int, int], ...]:
+    flat = fields.get(ClipKeys.IMAGE_GRID_PINPOINTS) or []
+    if len(flat) % 2:
+        raise GGUFFormatError(f"{fields.filename}: {ClipKeys.IMAGE_GRID_PINPOINTS} holds an odd count ({len(flat)})")
+    # flat [a0, b0, a1, b1, ...] -> ((a0, b0), (a1, b1), ...), the config's pairs
+    return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2))
+
+
+def _triple(fields: GGUFFields, key: str) -> tuple[float, float, float]:
+    values = fields.require(key)
+    if len(values) != 3:
+        raise GGUFFormatError(f"{fields.filename}: {key} holds {len(values)} values, expected 3 (RGB)")
+    return float(values[0]), float(values[1]), float(values[2])
 
 
 def read_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
@@ -192,6 +316,14 @@ class GGUFFields:
         self._reader = reader
         self._fields = reader.fields
 
+    @property
+    def filename(self) -> str:
+        return str(self._reader.data.filename)
+
+    @property
+    def tensor_names(self) -> set[str]:
+        return {t.name for t in self._reader.tensors}
+
     def get(self, key: str) -> Any:
         f = self._fields.get(key)
         if f is None:
@@ -201,7 +333,8 @@ class GGUFFields:
     def require(self, key: str) -> Any:
         value = self.get(key)
         if value is None:
-            raise GGUFFormatError(f"{self._reader.data.filename}: missing key {key!r}; re-convert with `llava-gguf convert`")
+            raise GGUFFormatError(f"{self.filename}: missing key {key!r}; not a complete LLaVA GGUF (convert the "
+                                  "checkpoint with `llava-gguf convert`)")
         return value
 
     def keys(self) -> list[str]:

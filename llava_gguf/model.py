@@ -23,9 +23,10 @@ from PIL import Image
 
 from llava_gguf.errors import GGUFFormatError, ImageError, ModelLoadError, PromptError
 from llava_gguf.feature_cache import FeatureCache
+from llava_gguf.guess import TemplateGuess, guess_template
 from llava_gguf.image import ImageSource, image_digest, load_image
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
-from llava_gguf.metadata import LlavaKeys, TokenizeMode, VisionSettings, read_gguf
+from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf
 from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.preprocess import preprocess
@@ -51,7 +52,8 @@ class RuntimeOptions:
     encoder: EncoderChoice = EncoderChoice.AUTO
     cache_dir: Path | None = None
     cache_max_bytes: int = 1 << 30
-    template: Template | None = None  # None: the one the GGUF names
+    template: Template | None = None  # None: the one the GGUF names (or, for other tools' files, guessed)
+    llava_version: str | None = None  # None: the mmproj's (or, for other tools' files, inferred)
     probe_cache_dir: Path | None = None  # where the libmtmd verdict is kept (default ~/.cache/llava-gguf)
     # low memory: no float32 copies of f16 vision weights kept between tiles, and the vision
     # weights leave resident memory once an image is encoded, before the LLM's prefill
@@ -101,23 +103,41 @@ def find_gguf_pair(directory: Path) -> tuple[Path, Path]:
 
 
 class LlavaModel:
-    """A LLaVA model from an LLM GGUF and an mmproj GGUF written by `llava-gguf convert`."""
+    """A LLaVA model from an LLM GGUF and an mmproj GGUF: written by `llava-gguf convert`, or by other
+    tools (llama.cpp's legacy LLaVA scripts, as the Hub and ollama hold them), whose unsaid settings
+    are inferred (``inference_note`` says what was). ``template_hint``: a template text from where the
+    files came from (ollama's), evidence for the guess."""
 
-    def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+    def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: RuntimeOptions = RuntimeOptions(),
+                 *, template_hint: str | None = None) -> None:
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
         self.options = options
         reader = read_gguf(self.mmproj_path)
-        self.settings = VisionSettings.read(reader)
+        settings = VisionSettings.read(reader)
         del reader
+        if options.llava_version is not None:
+            settings = settings.with_llava_version(options.llava_version)
+        self.settings = settings
         self.runtime = LlamaRuntime(self.llm_path, options.llama)
         meta = self.runtime.model.metadata()
-        if LlavaKeys.TEMPLATE not in meta:
-            raise GGUFFormatError(f"{self.llm_path}: not written by llava-gguf's converter (no {LlavaKeys.TEMPLATE})")
-        self.template = options.template or Template(meta[LlavaKeys.TEMPLATE])
-        self.tokenize_mode = TokenizeMode(meta.get(LlavaKeys.TOKENIZE_MODE, TokenizeMode.WHOLE.value))
-        token = meta.get(LlavaKeys.IMAGE_TOKEN_ID)
-        self.image_token_id = int(token) if token is not None else None
+        self.template_guess: TemplateGuess | None = None
+        if LlavaKeys.TEMPLATE in meta:
+            template = Template(meta[LlavaKeys.TEMPLATE])
+            self.tokenize_mode = TokenizeMode(meta.get(LlavaKeys.TOKENIZE_MODE, TokenizeMode.WHOLE.value))
+            token = meta.get(LlavaKeys.IMAGE_TOKEN_ID)
+            self.image_token_id = int(token) if token is not None else None
+        else:
+            # another tool's LLM: the original LLaVA's template choice and tokenizer_image_token
+            self.template_guess = guess_template(meta, self.runtime.is_one_token, template_hint)
+            template = self.template_guess.template
+            self.tokenize_mode, self.image_token_id = TokenizeMode.SPLIT, None
+        self.template = options.template or template
         self.encoder = self._make_encoder()
+        if self.settings.image_mode is ImageMode.ANYRES and self.encoder.image_newline is None:
+            raise GGUFFormatError(
+                f"{self.mmproj_path}: a LLaVA 1.6 mmproj without its image_newline tensor (v.image_newline or "
+                "model.image_newline); if it is a LLaVA 1.5 file, pass --llava-version 1.5"
+            )
         if self.encoder.llm_hidden_size != self.runtime.n_embd:
             raise ModelLoadError(
                 f"{self.mmproj_path.name} projects images to width {self.encoder.llm_hidden_size} but "
@@ -136,11 +156,23 @@ class LlavaModel:
         llm, mmproj = find_gguf_pair(Path(directory))
         return cls(llm, mmproj, options)
 
+    @property
+    def inference_note(self) -> str | None:
+        """One line on what the files left unsaid and how it was filled, or None when they said it all."""
+        parts = []
+        if self.settings.inferred:
+            parts.append(f"{self.settings.description}: {self.settings.inferred[0]}")
+        if self.template_guess is not None:
+            how = "as asked" if self.options.template is not None else f"guessed from {self.template_guess.reason}"
+            parts.append(f"{self.template.value} template ({how})")
+        return "; ".join(parts) or None
+
     def _make_encoder(self) -> VisionEncoder:
         encoder, self.encoder_name, self.encoder_reason = choose_encoder(
             self.options.encoder,
             self.mmproj_path,
             self.runtime.model.model,
+            settings=self.settings,
             cache_dir=self.options.probe_cache_dir,
             n_threads=self.options.llama.n_threads,
             use_gpu=self.options.llama.n_gpu_layers != 0,
@@ -180,10 +212,9 @@ class LlavaModel:
         start = time.perf_counter()
         tiles, size_hw = preprocess(image, self.settings)
         features = self.encoder.encode(tiles, on_tile)  # [n_tiles, n_patches, d]
-        if self.settings.image_mode.value == "anyres":
+        if self.settings.image_mode is ImageMode.ANYRES:
             newline = self.encoder.image_newline
-            if newline is None:
-                raise GGUFFormatError(f"{self.mmproj_path}: LLaVA 1.6 mmproj without v.image_newline")
+            assert newline is not None  # checked at load
             packed = pack_image_features(features, size_hw, self.settings, newline)
         else:
             packed = features[0]

@@ -524,16 +524,22 @@ def choose_encoder(
     n_threads: int | None = None,
     use_gpu: bool = False,
     numpy_cache_bytes: int = DEFAULT_CACHE_BYTES,
+    settings: VisionSettings | None = None,
 ) -> tuple[VisionEncoder, str, str]:
     """``choice`` "auto" | "numpy" | "mtmd" (or ``model.EncoderChoice``) -> (encoder, name, reason).
 
     auto: libmtmd only where the probe says it computes the reference features, else the exact
     NumPy encoder; one log line says which and why. mtmd: libmtmd regardless, with a warning
-    giving how far it is from the reference. ``cache_dir`` holds the probe's verdict.
+    giving how far it is from the reference. ``cache_dir`` holds the probe's verdict. ``settings``:
+    the mmproj's, as the runtime uses them (read from the file when None).
     """
     choice = str(getattr(choice, "value", choice))
+
+    def numpy_encoder() -> NumpyVisionEncoder:
+        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes, settings=settings)
+
     if choice == "numpy":
-        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes), "numpy", "asked for the NumPy encoder"
+        return numpy_encoder(), "numpy", "asked for the NumPy encoder"
     if choice not in ("auto", "mtmd"):
         raise ValueError(f"encoder choice must be 'auto', 'numpy' or 'mtmd', got {choice!r}")
     verdict = probe_mtmd(cache_dir)
@@ -547,13 +553,13 @@ def choose_encoder(
     if not verdict.ok:
         reason = f"using the exact NumPy vision encoder: {verdict.reason}"
         log.info("%s", reason)
-        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes), "numpy", reason
+        return numpy_encoder(), "numpy", reason
     try:
         encoder = MtmdVisionEncoder(mmproj_path, llm_model, n_threads=n_threads, use_gpu=use_gpu)
     except ModelLoadError as e:
         reason = f"using the exact NumPy vision encoder: {e}"
         log.info("%s", reason)
-        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes), "numpy", reason
+        return numpy_encoder(), "numpy", reason
     reason = f"using libmtmd for images: {verdict.reason}"
     log.info("%s", reason)
     return encoder, "mtmd", reason

@@ -3,6 +3,7 @@
 ``resolve_model`` turns what a user names into an LLM GGUF and an mmproj GGUF on disk:
 
 - ``--llm FILE --mmproj FILE``: those two files;
+- ``ollama:NAME[:TAG]``: the model's blobs in ollama's store, in place (``llava_gguf.ollama``);
 - a directory holding one LLM GGUF and one mmproj GGUF (or an LLM ``.gguf`` with its mmproj beside it);
 - a Hub repo of pre-converted GGUF pairs: the LLM quant picked by ``quant``, the mmproj by a name holding
   "mmproj", both downloaded with ``hf_hub_download`` into the Hugging Face cache;
@@ -30,6 +31,8 @@ from llava_gguf.errors import ModelLoadError
 from llava_gguf.hub import how_to_get, hub_errors
 from llava_gguf.metadata import CONVERTER_REVISION
 from llava_gguf.model import find_gguf_pair
+from llava_gguf.ollama import PREFIX as OLLAMA_PREFIX
+from llava_gguf.ollama import is_ollama_name, resolve_ollama
 from llava_gguf.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class ModelFiles:
     mmproj: Path
     origin: str  # where they came from, in words
     converted: bool = False  # converted by this call
+    template_hint: str | None = None  # a prompt template text from where they came (ollama's)
 
 
 def resolve_model(request: ModelRequest, progress: ProgressCallback | None = None,
@@ -87,6 +91,10 @@ def resolve_model(request: ModelRequest, progress: ProgressCallback | None = Non
         return ModelFiles(request.llm, request.mmproj, "files")
     if not request.model:
         raise ModelLoadError(f"no model: pass -m (a directory, GGUF file or Hub repo id) or set {MODEL_ENV}")
+    if is_ollama_name(request.model):
+        found = resolve_ollama(request.model[len(OLLAMA_PREFIX):])
+        event(f"using ollama's {found.name} from {found.llm.parent}")
+        return ModelFiles(found.llm, found.mmproj, request.model, template_hint=found.template)
     path = Path(request.model).expanduser()
     if path.is_file():
         return _gguf_file(path)
@@ -107,11 +115,10 @@ def _gguf_file(path: Path) -> ModelFiles:
         raise ModelLoadError(f"{path}: not a .gguf file; give a directory, a GGUF file or a Hub repo id")
     if "mmproj" in path.name:
         raise ModelLoadError(f"{path} is an mmproj; give the LLM GGUF (or the directory, or --llm and --mmproj)")
-    mmproj = sorted(p for p in path.parent.glob("*.gguf") if "mmproj" in p.name)
-    if len(mmproj) != 1:
-        raise ModelLoadError(f"{path.parent}: expected one mmproj GGUF beside {path.name}, found {len(mmproj)}; "
-                             "pass --llm and --mmproj")
-    return ModelFiles(path, mmproj[0], str(path))
+    mmprojs = sorted(p.name for p in path.parent.glob("*.gguf") if "mmproj" in p.name.lower())
+    if not mmprojs:
+        raise ModelLoadError(f"{path.parent}: no mmproj GGUF beside {path.name}; pass --llm and --mmproj")
+    return ModelFiles(path, path.parent / pick_mmproj(path.name, mmprojs, str(path.parent)), str(path))
 
 
 def _pick_local_pair(directory: Path, quant: str | None) -> tuple[Path, Path]:
@@ -123,31 +130,64 @@ def _pick_local_pair(directory: Path, quant: str | None) -> tuple[Path, Path]:
 
 
 def pick_gguf_files(names: Sequence[str], quant: str | None, where: str) -> tuple[str, str]:
-    """The LLM (matching ``quant``) and the mmproj among GGUF file names."""
+    """The LLM (matching ``quant``) and its mmproj among GGUF file names."""
     ggufs = [n for n in names if n.endswith(".gguf")]
     mmprojs = sorted(n for n in ggufs if "mmproj" in n.lower())
     llms = sorted(n for n in ggufs if n not in mmprojs)
     if not llms or not mmprojs:
         raise ModelLoadError(f"{where}: expected LLM and mmproj GGUF files, found {len(llms)} and {len(mmprojs)}")
     if quant is not None:
-        wanted = quant.lower().replace("-", "_")
-        matching = [n for n in llms if wanted in n.lower().replace("-", "_")]
-        exact = [n for n in matching if re.search(rf"(^|[._\-]){re.escape(wanted)}([._\-]|$)", n.lower().replace("-", "_"))]
-        matching = exact or matching
+        matching = _with_quant(llms, quant)
         if len(matching) != 1:
             found = "none" if not matching else ", ".join(matching)
             raise ModelLoadError(f"{where}: {len(matching)} LLM file(s) match --quant {quant} ({found}); "
-                                 f"available: {', '.join(llms)}")
+                                 f"available: {', '.join(llms)} (--quant also takes a file's name)")
         llm = matching[0]
     elif len(llms) == 1:
         llm = llms[0]
     else:
-        default = [n for n in llms if DEFAULT_QUANT.lower() in n.lower()]
+        # Q4_K_M, else the older files' "q4_k" (what llama.cpp's quantize called Q4_K_M)
+        default = _with_quant(llms, DEFAULT_QUANT) or _with_quant(llms, "Q4_K")
         if len(default) != 1:
-            raise ModelLoadError(f"{where} holds several LLM files ({', '.join(llms)}); pick one with --quant")
+            raise ModelLoadError(f"{where} holds several LLM files ({', '.join(llms)}); pick one with --quant "
+                                 "(a file type or a file's name)")
         llm = default[0]
-    preferred = [n for n in mmprojs if "f16" in n.lower()]
-    return llm, (preferred or mmprojs)[0]
+    return llm, pick_mmproj(llm, mmprojs, where)
+
+
+def _with_quant(llms: Sequence[str], quant: str) -> list[str]:
+    """The LLM files of type ``quant`` (any spelling: Q5_K, q5_k, q_5_k), or the one so named."""
+    if quant in llms:
+        return [quant]
+    wanted = re.sub(r"^q_(\d)", r"q\1", quant.lower().replace("-", "_"))
+    pattern = re.compile(rf"(^|[._]){re.escape(wanted)}([._]|$)")
+    normal = {n: re.sub(r"(^|[._])q_(\d)", r"\1q\2", n.lower().replace("-", "_")) for n in llms}
+    exact = [n for n in llms if pattern.search(normal[n])]
+    return exact or [n for n in llms if wanted in normal[n]]
+
+
+_WORD = re.compile(r"\d+b(?![a-z])|[a-z]{2,}")  # "mistral", "vicuna", "yi", sizes such as "7b"
+_NOT_FAMILY = {"mmproj", "model", "gguf", "ggml", "llava", "hf"}
+
+
+def pick_mmproj(llm: str, mmprojs: Sequence[str], where: str) -> str:
+    """The mmproj that belongs to ``llm``: the only one; else the one sharing the most name words
+    with it ("mistral", "vicuna", "7b", "34b"), f16 and unquantized first; ambiguity is an error."""
+    if len(mmprojs) == 1:
+        return mmprojs[0]
+    words = set(_WORD.findall(llm.lower())) - _NOT_FAMILY
+
+    def score(name: str) -> tuple[int, int, int]:
+        lowered = name.lower()
+        shared = len(words & (set(_WORD.findall(lowered)) - _NOT_FAMILY))
+        return shared, int("f16" in lowered), -len(re.findall(r"(?<![a-z])q_?\d", lowered))  # unquantized first
+
+    ranked = sorted(mmprojs, key=score, reverse=True)
+    if score(ranked[0]) == score(ranked[1]):
+        tied = [n for n in ranked if score(n) == score(ranked[0])]
+        raise ModelLoadError(f"{where}: several mmproj files could belong to {llm} ({', '.join(tied)}); "
+                             "download the pair and pass --llm and --mmproj")
+    return ranked[0]
 
 
 # ---------------------------------------------------------------- conversion cache

@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 
 from llava_gguf.errors import GGUFFormatError, ImageError
-from llava_gguf.metadata import ClipKeys, GGUFFields, SelectStrategy, VisionSettings, read_gguf
+from llava_gguf.metadata import NEWLINE_TENSORS, ClipKeys, GGUFFields, SelectStrategy, VisionSettings, read_gguf
 
 # Upcast float16 / dequantized weights kept between tiles; 512 MiB holds about ten CLIP-L blocks.
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -97,20 +97,24 @@ class VisionTowerConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def read(cls, reader: gguf.GGUFReader) -> VisionTowerConfig:
-        settings = VisionSettings.read(reader)
+    def read(cls, reader: gguf.GGUFReader, settings: VisionSettings | None = None) -> VisionTowerConfig:
+        """The tower of any LLaVA mmproj. Without ``clip.vision.feature_layer`` (llama.cpp's legacy
+        converter trims the tower to the selected layer) every stored block runs."""
+        settings = settings or VisionSettings.read(reader)
         fields = GGUFFields(reader)
         block_count = int(fields.require(gguf.Keys.ClipVision.BLOCK_COUNT))
-        feature_layer = fields.require(ClipKeys.FEATURE_LAYER)
+        feature_layer = fields.get(ClipKeys.FEATURE_LAYER)
+        if feature_layer is None:
+            feature_layer = [block_count]
         if len(feature_layer) != 1:
             raise GGUFFormatError(
-                f"{reader.data.filename}: {ClipKeys.FEATURE_LAYER} holds {len(feature_layer)} layers; "
+                f"{fields.filename}: {ClipKeys.FEATURE_LAYER} holds {len(feature_layer)} layers; "
                 "only one selected hidden state is supported"
             )
         layer = int(feature_layer[0])
         if not 0 <= layer <= block_count:
             raise GGUFFormatError(
-                f"{reader.data.filename}: feature layer {layer} is outside the {block_count} stored blocks"
+                f"{fields.filename}: feature layer {layer} is outside the {block_count} stored blocks"
             )
         use_gelu = fields.get(gguf.Keys.ClipVision.USE_GELU)
         return cls(
@@ -140,18 +144,24 @@ class NumpyVisionEncoder:
         config: VisionTowerConfig,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        source: str = "mmproj",
     ) -> None:
         self.config = config
+        self.source = source  # the file, for error messages
         self._tensors = tensors
         self._cache: dict[str, np.ndarray] = {}
         self._cache_bytes = cache_bytes
         self._cache_left = cache_bytes
         self._check()
+        self._ffn = [self._ffn_names(i) for i in range(config.vision_feature_layer)]
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str], *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> NumpyVisionEncoder:
+    def from_gguf(cls, path: str | os.PathLike[str], *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                  settings: VisionSettings | None = None) -> NumpyVisionEncoder:
+        """``settings``: the file's, already read (or overridden), else read from it."""
         reader = read_gguf(path)
-        return cls(GGUFTensors(reader), VisionTowerConfig.read(reader), cache_bytes=cache_bytes)
+        return cls(GGUFTensors(reader), VisionTowerConfig.read(reader, settings), cache_bytes=cache_bytes,
+                   source=os.fspath(path))
 
     # -- shapes -------------------------------------------------------------------------------
 
@@ -168,8 +178,27 @@ class NumpyVisionEncoder:
     @property
     def image_newline(self) -> np.ndarray | None:
         """LLaVA 1.6's ``image_newline`` [llm_hidden] in float32, or None."""
-        name = _name(gguf.MODEL_TENSOR.V_ENC_EMBD_IMGNL, "")
-        return np.asarray(self._tensors[name], dtype=_F32) if name in self._tensors else None
+        for name in NEWLINE_TENSORS:
+            if name in self._tensors:
+                return np.asarray(self._tensors[name], dtype=_F32).reshape(-1)  # [1, d] or [d] -> [d]
+        return None
+
+    def _ffn_names(self, i: int) -> tuple[str, str]:
+        """(fc1, fc2) of block ``i``. llama.cpp's legacy converter stores fc1 as ``ffn_down`` and fc2 as
+        ``ffn_up``; the shapes tell: fc1 [ffn, hidden] reads the hidden state, fc2 [hidden, ffn] the
+        FFN's (as llama.cpp's clip.cpp decides; a square FFN keeps the names)."""
+        up = _name(gguf.MODEL_TENSOR.V_ENC_FFN_UP, "", i)
+        down = _name(gguf.MODEL_TENSOR.V_ENC_FFN_DOWN, "", i)
+        hidden = self.config.hidden_size
+        up_in, down_in = self._shape(up + ".weight")[-1], self._shape(down + ".weight")[-1]
+        if down_in == hidden and up_in != hidden:
+            return down, up
+        if up_in != hidden:
+            raise GGUFFormatError(
+                f"{self.source}: block {i}'s FFN weights read widths {up_in} and {down_in}, neither the hidden "
+                f"size {hidden}"
+            )
+        return up, down
 
     def _projector_names(self) -> list[str]:
         names = [_name(gguf.MODEL_TENSOR.V_MMPROJ, "", 0), _name(gguf.MODEL_TENSOR.V_MMPROJ, "", 2)]
@@ -189,19 +218,23 @@ class NumpyVisionEncoder:
                 required += [_name(tensor, ".weight", i), _name(tensor, ".bias", i)]
         missing = [n for n in required if n not in self._tensors]
         if missing:
-            raise GGUFFormatError(f"mmproj is missing {len(missing)} tensor(s), first {missing[0]!r}")
+            raise GGUFFormatError(
+                f"{self.source}: not a complete LLaVA mmproj: {len(missing)} tensor(s) missing, first {missing[0]!r}"
+            )
         h, p = cfg.hidden_size, cfg.patch_size
         patch = self._shape(required[0])
         if patch != (h, 3, p, p):
-            raise GGUFFormatError(f"patch embedding has shape {patch}, expected {(h, 3, p, p)}")
+            raise GGUFFormatError(f"{self.source}: patch embedding has shape {patch}, expected {(h, 3, p, p)}")
         pos = self._shape(required[2])
         if pos != (cfg.num_patches + 1, h):
-            raise GGUFFormatError(f"position embedding has shape {pos}, expected {(cfg.num_patches + 1, h)}")
+            raise GGUFFormatError(
+                f"{self.source}: position embedding has shape {pos}, expected {(cfg.num_patches + 1, h)}"
+            )
         if h % cfg.num_attention_heads:
-            raise GGUFFormatError(f"hidden size {h} is not a multiple of {cfg.num_attention_heads} heads")
+            raise GGUFFormatError(f"{self.source}: hidden size {h} is not a multiple of {cfg.num_attention_heads} heads")
         for act in (cfg.hidden_act, cfg.projector_hidden_act):
             if act not in _ACTIVATIONS:
-                raise GGUFFormatError(f"unsupported activation {act!r}; known: {sorted(_ACTIVATIONS)}")
+                raise GGUFFormatError(f"{self.source}: unsupported activation {act!r}; known: {sorted(_ACTIVATIONS)}")
 
     _BLOCK_TENSORS = (
         gguf.MODEL_TENSOR.V_ENC_INPUT_NORM,
@@ -337,9 +370,10 @@ class NumpyVisionEncoder:
             np.matmul(scores, v[:, cols], out=attn[:, cols])  # [T, T] @ [T, hd] -> [T, hd]
         x = x + self._linear(attn, _name(gguf.MODEL_TENSOR.V_ENC_ATTN_O, "", i))
         y = self._layer_norm(x, _name(gguf.MODEL_TENSOR.V_ENC_POST_ATTN_NORM, "", i))
-        y = self._linear(y, _name(gguf.MODEL_TENSOR.V_ENC_FFN_UP, "", i))  # [T, ffn]
+        fc1, fc2 = self._ffn[i]
+        y = self._linear(y, fc1)  # [T, ffn]
         y = _ACTIVATIONS[cfg.hidden_act](y)
-        x += self._linear(y, _name(gguf.MODEL_TENSOR.V_ENC_FFN_DOWN, "", i))
+        x += self._linear(y, fc2)  # [T, H]
         return x
 
     def project(self, h: np.ndarray) -> np.ndarray:

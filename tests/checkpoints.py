@@ -379,6 +379,35 @@ def round_trip_(module: torch.nn.Module, dtype: torch.dtype) -> None:
         p.copy_(p.to(dtype).to(torch.float32))
 
 
+Q8_0_BLOCK = 32
+
+
+@torch.no_grad()
+def q8_0_exact_(weight: torch.Tensor) -> None:
+    """Round a [out, in] weight to values ggml's Q8_0 stores losslessly: per block of 32, an f16
+    scale d times integers in [-127, 127], the block's largest magnitude exactly 127 d (so
+    quantizing finds the same d and the same integers)."""
+    blocks = weight.reshape(-1, Q8_0_BLOCK)  # [out * in / 32, 32]
+    amax = blocks.abs().amax(dim=1, keepdim=True)  # [n, 1]
+    d = (amax / 127).to(torch.float16).to(torch.float32)
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0).clamp(-127, 127)
+    blocks.copy_(q * d)
+
+
+def make_exact_(model: torch.nn.Module, exact_in: str) -> None:
+    """Give every weight a value the legacy mmproj files store losslessly: "f16" (what their f16 and
+    f32 files hold: the patch and projector weights are always f16) or "q8_0" (their blocks' and the
+    projector's matrices Q8_0, the rest f16), so the reference and the files hold the same weights."""
+    round_trip_(model, torch.float16)
+    if exact_in == "q8_0":
+        for name, p in model.named_parameters():
+            vision = ("vision_tower" in name and ".layers." in name) or "multi_modal_projector" in name
+            if vision and p.ndim == 2 and p.shape[1] % Q8_0_BLOCK == 0:
+                q8_0_exact_(p)
+    elif exact_in != "f16":
+        raise ValueError(f"exact_in must be 'f16' or 'q8_0', got {exact_in!r}")
+
+
 def _tower_key(key: str) -> str:
     """In-memory CLIP vision tower key -> its ``vision_model.*`` name in CLIP checkpoints."""
     return key if key.startswith("vision_model.") else f"vision_model.{key}"
@@ -673,12 +702,14 @@ def build_checkpoint(
     seed: int = 0,
     sp_model_path: Path | None = None,
     rope_theta: float | None = None,
+    exact_in: str | None = None,
 ) -> TinyCheckpoint:
     """Write a tiny random checkpoint under ``root`` and return it with its reference.
 
     ``tokenizer_files`` defaults to "both" for llava-hf and "model" for original (what
     those repos ship). ``sp_model_path`` reuses an already trained tokenizer. ``rope_theta``
-    overrides the LLM's RoPE base (llama 1e4, mistral 1e6 by default).
+    overrides the LLM's RoPE base (llama 1e4, mistral 1e6 by default). ``exact_in`` ("f16" / "q8_0")
+    rounds every weight to a value that storage type holds losslessly (see ``make_exact_``).
     The reference tokenizer is what the reference loads from the written files: transformers'
     ``AutoTokenizer`` for llava-hf, transformers 4's slow ``LlamaTokenizer`` for the original layout.
     """
@@ -711,6 +742,8 @@ def build_checkpoint(
         model = build_reference(llava_version, llm, vocab_size=SP_VOCAB_SIZE, image_token_id=0,
                                 pad_token_id=0, rope_theta=rope_theta)
     randomize_(model, seed)
+    if exact_in is not None:
+        make_exact_(model, exact_in)
     if save_dtype != torch.float32:
         if llava_hf or llava_version == "1.6":
             round_trip_(model, save_dtype)
@@ -722,7 +755,8 @@ def build_checkpoint(
             round_trip_(model.lm_head, save_dtype)
 
     name = (f"{layout}-{llava_version}-{llm}-s{spelling}-{_DTYPE_NAMES[save_dtype]}"
-            f"-{max_shard_size or 'single'}-{tokenizer_files}-{seed}" + (f"-rope{rope_theta:g}" if rope_theta else ""))
+            f"-{max_shard_size or 'single'}-{tokenizer_files}-{seed}" + (f"-rope{rope_theta:g}" if rope_theta else "")
+            + (f"-{exact_in}" if exact_in else ""))
     path = root / name
     if path.exists():
         shutil.rmtree(path)

@@ -177,7 +177,8 @@ def test_model_given_as_files_dir_or_env(converted, images) -> None:
     by_llm_file = json_of(run("ask", "-m", str(c.llm), *common))
     by_env = json_of(run("ask", *common, env={"LLAVA_GGUF_MODEL": str(c.dir)}))
     assert by_dir["tokens"] == by_files["tokens"] == by_llm_file["tokens"] == by_env["tokens"]
-    assert by_files["model"] == {"llm": str(c.llm), "mmproj": str(c.mmproj)}
+    assert by_files["model"] == {"llm": str(c.llm), "mmproj": str(c.mmproj), "llava_version": "1.5",
+                                 "template": "llava_hf", "inferred": None}
     # --llm/--mmproj win over LLAVA_GGUF_MODEL
     assert json_of(run("ask", "--llm", str(c.llm), "--mmproj", str(c.mmproj), *common,
                        env={"LLAVA_GGUF_MODEL": "/nonexistent"}))["tokens"] == by_dir["tokens"]

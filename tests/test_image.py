@@ -209,7 +209,7 @@ def test_digest_tracks_pixels_size_and_settings() -> None:
     settings = vision_settings()
     digest = image_digest(image, settings)
     assert digest == image_digest(image.copy(), vision_settings())
-    assert digest == image_digest(image, dataclasses.replace(settings, extra={"note": 1}))
+    assert digest == image_digest(image, dataclasses.replace(settings, inferred=("a note",)))
     changed = np.asarray(image).copy()
     changed[0, 0, 0] ^= 1
     assert digest != image_digest(Image.fromarray(changed), settings)

@@ -138,6 +138,7 @@ def write_mmproj(path: Path, stored: dict, n_blocks: int, case: Case) -> None:
     """A minimal mmproj GGUF. The real converter (llava_gguf.convert) writes these files and has
     its own tests; this only exercises `NumpyVisionEncoder.from_gguf` on a real file."""
     writer = gguf.GGUFWriter(path, "clip")
+    writer.add_clip_projector_type(ClipKeys.PROJECTOR_MLP)
     writer.add_vision_block_count(n_blocks)
     writer.add_vision_embedding_length(64)
     writer.add_vision_feed_forward_length(128)
