@@ -23,7 +23,6 @@ from llava_gguf.errors import GGUFFormatError, ImageError
 from llava_gguf.metadata import ClipKeys, ImageMode, SelectStrategy, VisionSettings
 from llava_gguf.vision import GGUFTensors, NumpyVisionEncoder, gelu, load_mmproj_tensors, quick_gelu
 
-Q8_0 = gguf.GGMLQuantizationType.Q8_0
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
 N_LAYERS = 3
@@ -33,7 +32,7 @@ N_LAYERS = 3
 class Case:
     feature_layer: int  # transformers' vision_feature_layer (may be negative)
     strategy: SelectStrategy
-    weights: str = "f32"  # "f32", "f16" or "q8_0": how the GGUF stores the 2-D weights
+    weights: str = "f32"  # "f32", "f16" or a ggml quant type ("q8_0", "q4_0"...): how the GGUF stores the 2-D weights
     tol: float = 1e-5
 
 
@@ -105,7 +104,7 @@ def store(tensors: dict[str, np.ndarray], weights: str) -> dict[str, tuple[np.nd
     """Each tensor as written to the GGUF: (array, raw quantization type or None).
 
     Norms, biases and the class embedding stay f32; "f16" stores every other tensor in f16;
-    "q8_0" quantizes the linear weights and keeps the patch conv and positions in f16.
+    a quant type ("q8_0"...) quantizes the linear weights and keeps the patch conv and positions in f16.
     """
     positions = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_POS] + ".weight"
     stored: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]] = {}
@@ -115,7 +114,8 @@ def store(tensors: dict[str, np.ndarray], weights: str) -> dict[str, tuple[np.nd
         elif weights == "f16" or array.ndim != 2 or name == positions:
             stored[name] = (array.astype(np.float16), None)
         else:
-            stored[name] = (gguf.quants.quantize(array, Q8_0), Q8_0)
+            qtype = gguf.GGMLQuantizationType[weights.upper()]
+            stored[name] = (gguf.quants.quantize(array, qtype), qtype)
     return stored
 
 
@@ -187,6 +187,11 @@ CASES = [
     Case(1, SelectStrategy.DEFAULT),
     Case(-2, SelectStrategy.DEFAULT, weights="f16"),
     Case(-2, SelectStrategy.FULL, weights="q8_0"),
+    # the types of published legacy mmproj files (llama.cpp's clip quantizer)
+    Case(-2, SelectStrategy.DEFAULT, weights="q4_0"),
+    Case(-2, SelectStrategy.DEFAULT, weights="q4_1"),
+    Case(-2, SelectStrategy.DEFAULT, weights="q5_0"),
+    Case(-2, SelectStrategy.DEFAULT, weights="q5_1"),
 ]
 
 
