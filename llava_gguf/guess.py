@@ -65,7 +65,7 @@ def guess_template(
     rope_base = _number(metadata.get(gguf.Keys.Rope.FREQ_BASE.format(arch=arch))) or 10000.0
     if heads and kv_heads and kv_heads < heads and rope_base >= MISTRAL_ROPE_BASE:
         return TemplateGuess(Template.MISTRAL_INSTRUCT,
-                             f"grouped-query attention with RoPE base {rope_base:g} (Mistral 7B v0.2's shape)")
+                             f"grouped-query attention with RoPE base {rope_base:,.0f} (Mistral 7B v0.2's shape)")
     return TemplateGuess(Template.VICUNA_V1, "a Llama-2-shaped LLM with no chat template (LLaVA's Vicuna)")
 
 

@@ -116,7 +116,7 @@ class VisionSettings:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     mm_patch_merge_type: str = "flat"  # "spatial_unpad" for LLaVA 1.6
     projector_hidden_act: str = "gelu"
-    # what the file did not say and was inferred, in words (files made by other tools)
+    # what the file did not say and was inferred, in words (files made by other tools); the version's evidence first
     inferred: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -162,13 +162,13 @@ class VisionSettings:
             raise ValueError(f"LLaVA version must be one of {', '.join(LLAVA_VERSIONS)}, got {version!r}")
         if version == self.llava_version:
             return self
-        note = f"LLaVA {version} as asked (--llava-version)"
+        note = "version as asked (--llava-version)"
         if version == "1.5":
             return replace(self, llava_version=version, image_mode=ImageMode.PAD, image_grid_pinpoints=(),
-                           mm_patch_merge_type="flat", inferred=(*self.inferred, note))
+                           mm_patch_merge_type="flat", inferred=(note, *self.inferred))
         grid = self.image_grid_pinpoints or _scaled_pinpoints(self.image_size)
         return replace(self, llava_version=version, image_mode=ImageMode.ANYRES, image_grid_pinpoints=grid,
-                       mm_patch_merge_type="spatial_unpad", inferred=(*self.inferred, note))
+                       mm_patch_merge_type="spatial_unpad", inferred=(note, *self.inferred))
 
     @classmethod
     def read(cls, reader: gguf.GGUFReader) -> VisionSettings:
@@ -244,7 +244,7 @@ def _infer_settings(fields: GGUFFields) -> VisionSettings:
     inferred: list[str] = []
     if signs:
         version, mode = "1.6", ImageMode.ANYRES
-        inferred.append(f"LLaVA 1.6 from {signs[0]}")
+        inferred.append(f"version from {signs[0]}")
         if merge not in (None, "spatial_unpad"):
             raise GGUFFormatError(
                 f"{fields.filename}: {ClipKeys.MM_PATCH_MERGE_TYPE} is {merge!r}; llava-gguf packs LLaVA 1.6 "
@@ -256,7 +256,7 @@ def _infer_settings(fields: GGUFFields) -> VisionSettings:
     else:
         version = "1.5"
         mode = ImageMode.CROP if aspect not in (None, "pad") else ImageMode.PAD
-        inferred.append("LLaVA 1.5 from the absence of LLaVA 1.6's keys and newline vector")
+        inferred.append("version from the absence of LLaVA 1.6's keys and newline vector")
         if aspect is None:
             inferred.append("images padded to a square (LLaVA 1.5's image_aspect_ratio: pad)")
     return VisionSettings(

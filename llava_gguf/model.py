@@ -1,6 +1,6 @@
 """The public runtime: a converted GGUF pair, images in, the reference model's answers out.
 
-    model = LlavaModel.load("models/")                  # or LlavaModel(llm_path, mmproj_path)
+    model = LlavaModel.load("models/")    # or "ollama:llava:7b", a Hub repo, LlavaModel(llm_path, mmproj_path)
     for piece in model.ask("What is in this image?", images=["cat.jpg"]):
         print(piece, end="")
     chat = model.chat()
@@ -89,19 +89,6 @@ class PreparedImage:
     on_tile: TileCallback | None = None
 
 
-def find_gguf_pair(directory: Path) -> tuple[Path, Path]:
-    """The LLM and mmproj GGUFs in a directory (one of each)."""
-    files = sorted(directory.glob("*.gguf"))
-    mmproj = [f for f in files if "mmproj" in f.name]
-    llm = [f for f in files if f not in mmproj]
-    if len(llm) != 1 or len(mmproj) != 1:
-        raise ModelLoadError(
-            f"{directory}: expected one LLM GGUF and one mmproj GGUF, found {len(llm)} and {len(mmproj)}; "
-            "pass --llm and --mmproj"
-        )
-    return llm[0], mmproj[0]
-
-
 class LlavaModel:
     """A LLaVA model from an LLM GGUF and an mmproj GGUF: written by `llava-gguf convert`, or by other
     tools (llama.cpp's legacy LLaVA scripts, as the Hub and ollama hold them), whose unsaid settings
@@ -152,19 +139,24 @@ class LlavaModel:
         self.timings = Timings()
 
     @classmethod
-    def load(cls, directory: str | Path, options: RuntimeOptions = RuntimeOptions()) -> LlavaModel:
-        llm, mmproj = find_gguf_pair(Path(directory))
-        return cls(llm, mmproj, options)
+    def load(cls, model: str | Path, options: RuntimeOptions = RuntimeOptions(), *, quant: str | None = None,
+             revision: str | None = None) -> LlavaModel:
+        """A model from anything ``-m`` takes: a directory of GGUFs, an LLM ``.gguf``, a Hub repo of GGUF
+        pairs, ``ollama:NAME[:TAG]``, or a Hugging Face checkpoint (converted once into the cache)."""
+        from llava_gguf.sources import ModelRequest, resolve_model
+
+        files = resolve_model(ModelRequest(model=str(model), quant=quant, revision=revision))
+        return cls(files.llm, files.mmproj, options, template_hint=files.template_hint)
 
     @property
     def inference_note(self) -> str | None:
         """One line on what the files left unsaid and how it was filled, or None when they said it all."""
         parts = []
         if self.settings.inferred:
-            parts.append(f"{self.settings.description}: {self.settings.inferred[0]}")
+            parts.append(f"{self.settings.description}, {self.settings.inferred[0]}")
         if self.template_guess is not None:
             how = "as asked" if self.options.template is not None else f"guessed from {self.template_guess.reason}"
-            parts.append(f"{self.template.value} template ({how})")
+            parts.append(f"{self.template.value} template {how}")
         return "; ".join(parts) or None
 
     def _make_encoder(self) -> VisionEncoder:

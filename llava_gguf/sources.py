@@ -26,11 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+
 from llava_gguf.convert.source import is_repo_id
-from llava_gguf.errors import ModelLoadError
+from llava_gguf.errors import LlavaGGUFError, ModelLoadError
 from llava_gguf.hub import how_to_get, hub_errors
-from llava_gguf.metadata import CONVERTER_REVISION
-from llava_gguf.model import find_gguf_pair
+from llava_gguf.metadata import CONVERTER_REVISION, GGUFFields, read_gguf
 from llava_gguf.ollama import PREFIX as OLLAMA_PREFIX
 from llava_gguf.ollama import is_ollama_name, resolve_ollama
 from llava_gguf.paths import models_dir
@@ -121,19 +122,43 @@ def _gguf_file(path: Path) -> ModelFiles:
     return ModelFiles(path, path.parent / pick_mmproj(path.name, mmprojs, str(path.parent)), str(path))
 
 
+def find_gguf_pair(directory: Path) -> tuple[Path, Path]:
+    """The LLM and mmproj GGUFs of a directory holding one of each (a conversion's output)."""
+    files = sorted(directory.glob("*.gguf"))
+    mmproj = [f for f in files if "mmproj" in f.name]
+    llm = [f for f in files if f not in mmproj]
+    if len(llm) != 1 or len(mmproj) != 1:
+        raise ModelLoadError(
+            f"{directory}: expected one LLM GGUF and one mmproj GGUF, found {len(llm)} and {len(mmproj)}; "
+            "pass --llm and --mmproj"
+        )
+    return llm[0], mmproj[0]
+
+
 def _pick_local_pair(directory: Path, quant: str | None) -> tuple[Path, Path]:
-    if quant is None:
-        return find_gguf_pair(directory)
+    """The pair in a directory of GGUFs (a download, LM Studio's folder): the mmproj by name, else by
+    architecture (``clip``); among several LLMs, ``quant``'s (default Q4_K_M)."""
     names = [p.name for p in sorted(directory.glob("*.gguf"))]
-    llm, mmproj = pick_gguf_files(names, quant, str(directory))
+    mmprojs = [n for n in names if "mmproj" in n.lower()] or [n for n in names if _is_clip(directory / n)]
+    llm, mmproj = _pick(sorted(set(names) - set(mmprojs)), sorted(mmprojs), quant, str(directory))
     return directory / llm, directory / mmproj
+
+
+def _is_clip(path: Path) -> bool:
+    try:
+        return GGUFFields(read_gguf(path)).get(gguf.Keys.General.ARCHITECTURE) == "clip"
+    except LlavaGGUFError:
+        return False
 
 
 def pick_gguf_files(names: Sequence[str], quant: str | None, where: str) -> tuple[str, str]:
     """The LLM (matching ``quant``) and its mmproj among GGUF file names."""
     ggufs = [n for n in names if n.endswith(".gguf")]
     mmprojs = sorted(n for n in ggufs if "mmproj" in n.lower())
-    llms = sorted(n for n in ggufs if n not in mmprojs)
+    return _pick(sorted(n for n in ggufs if n not in mmprojs), mmprojs, quant, where)
+
+
+def _pick(llms: Sequence[str], mmprojs: Sequence[str], quant: str | None, where: str) -> tuple[str, str]:
     if not llms or not mmprojs:
         raise ModelLoadError(f"{where}: expected LLM and mmproj GGUF files, found {len(llms)} and {len(mmprojs)}")
     if quant is not None:

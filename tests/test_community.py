@@ -203,7 +203,8 @@ def test_cli_runs_a_legacy_pair_as_the_original_code(legacy, image_file: Path) -
     shown = run("ask", "-m", str(pair.llm.parent), "-i", str(image_file), *EXACT_ARGS, "--temp", "0", "-n", "4", QUESTION)
     assert shown.exit_code == 0, shown.output
     line = next(line for line in shown.stderr.splitlines() if "template" in line)
-    assert "LLaVA 1.6" in line and "vicuna_v1 template (guessed from" in line and "--template / --llava-version" in line
+    assert line.startswith("LLaVA 1.6 (anyres, original LLaVA rules), version from ")
+    assert "vicuna_v1 template guessed from" in line and "--template / --llava-version" in line
     asked = _cli_tokens("-m", str(pair.llm.parent), "-i", str(image_file), "--template", "llava_v1",
                         "--llava-version", "1.5")
     assert asked["model"]["template"] == "llava_v1" and asked["model"]["llava_version"] == "1.5"
@@ -348,3 +349,27 @@ def _edit_tensors(src: Path, dest: Path, edit: Callable[[str, np.ndarray], np.nd
     writer.write_tensors_to_file()
     writer.close()
     return dest
+
+
+def test_a_download_folder_and_the_python_api(legacy, image_file: Path, tmp_path: Path) -> None:
+    """A folder as users download it (several LLM types; an mmproj whose name does not say so), through
+    ``LlavaModel.load`` as through ``-m``; and an ollama name through the Python API."""
+    pair = legacy(CASES[0].values[0])
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    for src, name in ((pair.llm, "ggml-model-q4_k.gguf"), (pair.llm, "ggml-model-f16.gguf"),
+                      (pair.mmproj, "llava-vision-encoder.gguf")):
+        os.symlink(src, folder / name)
+    model = LlavaModel.load(folder, EXACT)
+    assert model.llm_path.name == "ggml-model-q4_k.gguf" and model.mmproj_path.name == "llava-vision-encoder.gguf"
+    image = Image.open(image_file)
+    answer = model.chat()
+    "".join(answer.send(QUESTION, [image], GREEDY))
+    assert answer.last_tokens == pair.original.generate(answer.last_prompt, [image])[1]
+    model.close()
+    store = _ollama_store(tmp_path / "ollama", pair, "llava", "13b", "USER: {{ .Prompt }} ASSISTANT:")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OLLAMA_MODELS", str(store))
+        model = LlavaModel.load("ollama:llava:13b", EXACT)
+    assert model.template is Template.VICUNA_V1 and "ollama's template" in (model.inference_note or "")
+    model.close()
