@@ -151,20 +151,22 @@ class VisionSettings:
 
     @property
     def description(self) -> str:
-        """In words, e.g. "LLaVA 1.6 (anyres, the original LLaVA code's rules)"."""
+        """In words, e.g. "LLaVA 1.6 (anyres, original LLaVA rules)"."""
         rules = "original LLaVA rules" if self.follows_original_code else "transformers rules"
         return f"LLaVA {self.llava_version} ({self.image_mode.value}, {rules})"
 
     def with_llava_version(self, version: str) -> VisionSettings:
-        """These settings for another LLaVA version (``--llava-version``): 1.5 pads to a square,
-        1.6 cuts anyres tiles (the file's pinpoints, else LLaVA 1.6's own scaled to the tile)."""
+        """These settings for another LLaVA version (``--llava-version``): 1.5 pads to a square (the
+        original code) or center-crops (transformers), 1.6 cuts anyres tiles (the file's pinpoints, else
+        LLaVA 1.6's own scaled to the tile)."""
         if version not in LLAVA_VERSIONS:
             raise ValueError(f"LLaVA version must be one of {', '.join(LLAVA_VERSIONS)}, got {version!r}")
         if version == self.llava_version:
             return self
         note = "version as asked (--llava-version)"
         if version == "1.5":
-            return replace(self, llava_version=version, image_mode=ImageMode.PAD, image_grid_pinpoints=(),
+            mode = ImageMode.PAD if self.follows_original_code else ImageMode.CROP
+            return replace(self, llava_version=version, image_mode=mode, image_grid_pinpoints=(),
                            mm_patch_merge_type="flat", inferred=(note, *self.inferred))
         grid = self.image_grid_pinpoints or _scaled_pinpoints(self.image_size)
         return replace(self, llava_version=version, image_mode=ImageMode.ANYRES, image_grid_pinpoints=grid,

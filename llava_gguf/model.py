@@ -106,6 +106,21 @@ class LlavaModel:
             settings = settings.with_llava_version(options.llava_version)
         self.settings = settings
         self.runtime = LlamaRuntime(self.llm_path, options.llama)
+        try:
+            self._load(options, template_hint)
+        except BaseException:
+            self.close()  # a pair that cannot run frees what it loaded at once
+            raise
+        self.cache = FeatureCache(options.cache_dir, options.cache_max_bytes)
+        stat = self.mmproj_path.stat()
+        self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}"
+        self._cached: list[Item] = []  # what the KV cache holds, in order
+        self._features: dict[str, np.ndarray] = {}  # packed features of this session's images
+        self._pending: dict[str, PreparedImage] = {}  # images in a sequence, not yet encoded
+        self.timings = Timings()
+
+    def _load(self, options: RuntimeOptions, template_hint: str | None) -> None:
+        """What the LLM says (or leaves to guess), the vision encoder, and whether the two files fit."""
         meta = self.runtime.model.metadata()
         self.template_guess: TemplateGuess | None = None
         if LlavaKeys.TEMPLATE in meta:
@@ -130,13 +145,6 @@ class LlavaModel:
                 f"{self.mmproj_path.name} projects images to width {self.encoder.llm_hidden_size} but "
                 f"{self.llm_path.name} has width {self.runtime.n_embd}: the two files do not belong together"
             )
-        self.cache = FeatureCache(options.cache_dir, options.cache_max_bytes)
-        stat = self.mmproj_path.stat()
-        self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}"
-        self._cached: list[Item] = []  # what the KV cache holds, in order
-        self._features: dict[str, np.ndarray] = {}  # packed features of this session's images
-        self._pending: dict[str, PreparedImage] = {}  # images in a sequence, not yet encoded
-        self.timings = Timings()
 
     @classmethod
     def load(cls, model: str | Path, options: RuntimeOptions = RuntimeOptions(), *, quant: str | None = None,
@@ -341,7 +349,7 @@ class LlavaModel:
         return self.chat().send(question, images, options, on_tile)
 
     def close(self) -> None:
-        close = getattr(self.encoder, "close", None)
+        close = getattr(getattr(self, "encoder", None), "close", None)
         if close is not None:
             close()  # libmtmd's context refers to the llama model: free it first
         self.runtime.close()
