@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import codecs
-import enum
 import hashlib
 import logging
 import time
@@ -27,23 +26,17 @@ from llava_gguf.guess import TemplateGuess, guess_template
 from llava_gguf.image import ImageSource, image_digest, load_image
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
 from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf
-from llava_gguf.mtmd_encoder import VisionEncoder, choose_encoder
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.preprocess import preprocess
 from llava_gguf.sampling import Sampler, SamplingOptions
 from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.templates import Message, Role, Template, render, user_text
-from llava_gguf.vision import DEFAULT_CACHE_BYTES
+from llava_gguf.vision import DEFAULT_CACHE_BYTES, VisionEncoder
+from llava_gguf.vision.choose import EncoderChoice, choose_encoder
 
 log = logging.getLogger(__name__)
 
 TileCallback = Callable[[int, int], None]
-
-
-class EncoderChoice(str, enum.Enum):
-    AUTO = "auto"  # libmtmd when it computes the reference result, else numpy
-    NUMPY = "numpy"
-    MTMD = "mtmd"  # forced, even where it differs from the reference
 
 
 @dataclass(frozen=True)
@@ -54,7 +47,9 @@ class RuntimeOptions:
     cache_max_bytes: int = 1 << 30
     template: Template | None = None  # None: the one the GGUF names (or, for other tools' files, guessed)
     llava_version: str | None = None  # None: the mmproj's (or, for other tools' files, inferred)
-    probe_cache_dir: Path | None = None  # where the libmtmd verdict is kept (default ~/.cache/llava-gguf)
+    probe_cache_dir: Path | None = None  # where the encoders' probe verdicts are kept (default ~/.cache/llava-gguf)
+    ggml_library: Path | None = None  # a directory with another ggml build (default $LLAVA_GGUF_GGML_LIB, else
+    # llama-cpp-python's): a CUDA or Metal build made apart runs the vision tower on the GPU
     # low memory: no float32 copies of f16 vision weights kept between tiles, and the vision
     # weights leave resident memory once an image is encoded, before the LLM's prefill
     low_memory: bool = False
@@ -173,6 +168,7 @@ class LlavaModel:
             self.mmproj_path,
             self.runtime.model.model,
             settings=self.settings,
+            ggml_library=self.options.ggml_library,
             cache_dir=self.options.probe_cache_dir,
             n_threads=self.options.llama.n_threads,
             use_gpu=self.options.llama.n_gpu_layers != 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 # No network in tests, and no writes to the user's caches: set before anything imports huggingface_hub.
@@ -50,3 +51,22 @@ def tiny_checkpoint(
         return cache[key]
 
     return make
+
+
+_SESSION_CACHE = Path(os.environ["LLAVA_GGUF_CACHE"])
+
+
+def seed_probe_cache(root: Path) -> None:
+    """Give a fresh cache root the encoders' probe verdicts, computed once per session (each ggml
+    probe runs a CLIP-L-wide block through two encoders, about a second), for the thread counts the
+    tests use."""
+    from llava_gguf.vision.choose import probe_ggml
+    from llava_gguf.vision.ggml_lib import load_ggml
+    from llava_gguf.vision.mtmd_encoder import probe_mtmd
+
+    probe_mtmd(_SESSION_CACHE)
+    for threads in (None, 1, 2):
+        probe_ggml(load_ggml(), _SESSION_CACHE, n_threads=threads)
+    root.mkdir(parents=True, exist_ok=True)
+    for verdicts in _SESSION_CACHE.glob("*-probe.json"):
+        shutil.copyfile(verdicts, root / verdicts.name)

@@ -12,6 +12,7 @@ import checkpoints
 import pytest
 from checkpoints import TinyCheckpoint, build_checkpoint
 from click.testing import CliRunner, Result
+from conftest import seed_probe_cache
 from PIL import Image
 from test_runtime import random_image, reference_run
 
@@ -33,6 +34,7 @@ QUESTION = "What is in the picture?"
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "llava-gguf-cache"
+    seed_probe_cache(root)
     monkeypatch.setenv("LLAVA_GGUF_CACHE", str(root))
     monkeypatch.delenv("LLAVA_GGUF_MODEL", raising=False)
     return root

@@ -25,17 +25,18 @@ from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkp
 from llava_gguf.errors import ImageError
 from llava_gguf.llama import LlamaRuntime
 from llava_gguf.metadata import VisionSettings, read_gguf
-from llava_gguf.mtmd_encoder import (
+from llava_gguf.preprocess import normalize_tile, preprocess
+from llava_gguf.vision import NumpyVisionEncoder
+from llava_gguf.vision.choose import choose_encoder
+from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder
+from llava_gguf.vision.mtmd_encoder import (
     PROBE_TOLERANCE,
     MtmdVisionEncoder,
-    choose_encoder,
     encode_bitmap,
     probe_mtmd,
     probe_run_count,
     tiles_to_pixels,
 )
-from llava_gguf.preprocess import normalize_tile, preprocess
-from llava_gguf.vision import NumpyVisionEncoder
 
 
 class Converted:
@@ -188,21 +189,21 @@ def test_auto_picks_the_reference(converted, tmp_path: Path, caplog: pytest.LogC
     c = converted("1.5")
     verdict = probe_mtmd(tmp_path)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="llava_gguf.mtmd_encoder"):
+    with caplog.at_level(logging.INFO, logger="llava_gguf.vision.choose"):
         encoder, name, reason = choose_encoder("auto", c.mmproj, c.runtime.model.model, cache_dir=tmp_path)
-    records = [r for r in caplog.records if r.name == "llava_gguf.mtmd_encoder"]
+    records = [r for r in caplog.records if r.name == "llava_gguf.vision.choose"]
     assert len(records) == 1 and records[0].getMessage() == reason
     if verdict.ok:
         assert (name, type(encoder)) == ("mtmd", MtmdVisionEncoder)
-    else:
-        assert (name, type(encoder)) == ("numpy", NumpyVisionEncoder)
-        assert f"{verdict.max_abs_diff:.3g}" in reason
+    else:  # one of the exact encoders, whichever ran the probe tile faster here
+        assert (name, type(encoder)) in (("numpy", NumpyVisionEncoder), ("ggml", GgmlVisionEncoder))
+        assert "per probe tile" in reason
 
 
 def test_forced_mtmd_is_libmtmd(converted, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     c = converted("1.5")
     verdict = probe_mtmd(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="llava_gguf.mtmd_encoder"):
+    with caplog.at_level(logging.WARNING, logger="llava_gguf.vision.choose"):
         encoder, name, reason = choose_encoder("mtmd", c.mmproj, c.runtime.model.model, cache_dir=tmp_path)
     assert name == "mtmd" and isinstance(encoder, MtmdVisionEncoder)
     assert encoder.llm_hidden_size == c.runtime.n_embd and encoder.n_tokens == 16

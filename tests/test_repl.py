@@ -14,6 +14,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from checkpoints import TinyCheckpoint
+from conftest import seed_probe_cache
 from rich.console import Console
 from test_runtime import random_image
 
@@ -191,6 +192,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def spawn_chat(args: list[str], tmp_path: Path) -> tuple[pexpect.spawn, io.StringIO]:
+    seed_probe_cache(tmp_path / "cache")
     env = {**os.environ, "LLAVA_GGUF_CACHE": str(tmp_path / "cache"), "TERM": "dumb", "COLUMNS": "200",
            "NO_COLOR": "1"}
     env.pop("LLAVA_GGUF_MODEL", None)

@@ -6,133 +6,26 @@ computes what transformers' ``LlavaModel.get_image_features`` computes, in float
 patch embedding, class token first, position embeddings, pre-layernorm, the blocks up to the
 selected hidden state, the select strategy, then the projector (linear_1, GELU, linear_2).
 
-Weights keep torch's shapes (``GGUFReader`` reverses ggml's ``ne`` order); linear weights are
-``[out, in]``. Float16 and quantized weights are converted one tensor at a time as they are used,
-so a full float32 copy of the tower is never held beyond a bounded cache.
+Float16 and quantized weights are converted one tensor at a time as they are used, so a full
+float32 copy of the tower is never held beyond a bounded cache.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
-import gguf
 import numpy as np
 
-from llava_gguf.errors import GGUFFormatError, ImageError
-from llava_gguf.metadata import NEWLINE_TENSORS, ClipKeys, GGUFFields, SelectStrategy, VisionSettings, read_gguf
+from llava_gguf.errors import ImageError
+from llava_gguf.metadata import SelectStrategy, VisionSettings
+from llava_gguf.vision.weights import GGUFTensors, TowerLayout, VisionTowerConfig, read_tower
 
 # Upcast float16 / dequantized weights kept between tiles; 512 MiB holds about ten CLIP-L blocks.
 DEFAULT_CACHE_BYTES = 512 * 2**20
 
 _F32 = np.float32
-_PLAIN_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-
-
-class GGUFTensors(Mapping[str, np.ndarray]):
-    """The tensors of a GGUF file by name, in torch's shapes.
-
-    F32 and F16 tensors are memory-mapped views (no copy); quantized tensors are dequantized to
-    float32 on each access, so callers should convert once per use.
-    """
-
-    def __init__(self, reader: gguf.GGUFReader) -> None:
-        self._tensors = {t.name: t for t in reader.tensors}
-        self._mapping = getattr(reader.data, "_mmap", None)  # the file mapping under every view
-
-    def release_pages(self) -> None:
-        """Drop the file's pages from this process's resident memory (the page cache keeps them)."""
-        if self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._mapping.madvise(mmap.MADV_DONTNEED)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        t = self._tensors[name]
-        if t.tensor_type in _PLAIN_TYPES:
-            return t.data
-        # t.data: [..., n_bytes] uint8 blocks -> [..., n_elements] float32
-        return gguf.quants.dequantize(t.data, t.tensor_type)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def is_quantized(self, name: str) -> bool:
-        return self._tensors[name].tensor_type not in _PLAIN_TYPES
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Torch's shape, without dequantizing: ggml's ne order reversed."""
-        return tuple(int(n) for n in reversed(self._tensors[name].shape))
-
-
-def load_mmproj_tensors(path: str | os.PathLike[str]) -> GGUFTensors:
-    """The tensors of an mmproj GGUF, memory-mapped (F32/F16) or dequantized lazily (quantized)."""
-    return GGUFTensors(read_gguf(path))
-
-
-@dataclass(frozen=True)
-class VisionTowerConfig:
-    """Hyperparameters of the part of the CLIP tower that runs, plus LLaVA's feature selection.
-
-    ``vision_feature_layer`` is the index into transformers' ``hidden_states`` (0 is the
-    embeddings output), so it is also the number of blocks that run.
-    """
-
-    hidden_size: int
-    num_attention_heads: int
-    image_size: int
-    patch_size: int
-    vision_feature_layer: int
-    vision_feature_select_strategy: SelectStrategy = SelectStrategy.DEFAULT
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"  # CLIP's MLP activation
-    projector_hidden_act: str = "gelu"
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def read(cls, reader: gguf.GGUFReader, settings: VisionSettings | None = None) -> VisionTowerConfig:
-        """The tower of any LLaVA mmproj. Without ``clip.vision.feature_layer`` (llama.cpp's legacy
-        converter trims the tower to the selected layer) every stored block runs."""
-        settings = settings or VisionSettings.read(reader)
-        fields = GGUFFields(reader)
-        block_count = int(fields.require(gguf.Keys.ClipVision.BLOCK_COUNT))
-        feature_layer = fields.get(ClipKeys.FEATURE_LAYER)
-        if feature_layer is None:
-            feature_layer = [block_count]
-        if len(feature_layer) != 1:
-            raise GGUFFormatError(
-                f"{fields.filename}: {ClipKeys.FEATURE_LAYER} holds {len(feature_layer)} layers; "
-                "only one selected hidden state is supported"
-            )
-        layer = int(feature_layer[0])
-        if not 0 <= layer <= block_count:
-            raise GGUFFormatError(
-                f"{fields.filename}: feature layer {layer} is outside the {block_count} stored blocks"
-            )
-        use_gelu = fields.get(gguf.Keys.ClipVision.USE_GELU)
-        return cls(
-            hidden_size=int(fields.require(gguf.Keys.ClipVision.EMBEDDING_LENGTH)),
-            num_attention_heads=int(fields.require(gguf.Keys.ClipVision.Attention.HEAD_COUNT)),
-            image_size=settings.image_size,
-            patch_size=settings.patch_size,
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=settings.vision_feature_select_strategy,
-            layer_norm_eps=float(fields.require(gguf.Keys.ClipVision.Attention.LAYERNORM_EPS)),
-            hidden_act="gelu" if use_gelu else "quick_gelu",
-            projector_hidden_act=settings.projector_hidden_act,
-        )
-
-
-def _name(tensor: gguf.MODEL_TENSOR, suffix: str, bid: int | None = None) -> str:
-    base = gguf.TENSOR_NAMES[tensor]
-    return (base.format(bid=bid) if bid is not None else base) + suffix
 
 
 class NumpyVisionEncoder:
@@ -147,105 +40,36 @@ class NumpyVisionEncoder:
         source: str = "mmproj",
     ) -> None:
         self.config = config
-        self.source = source  # the file, for error messages
+        self.layout = TowerLayout(tensors, config, source)
         self._tensors = tensors
         self._cache: dict[str, np.ndarray] = {}
         self._cache_bytes = cache_bytes
         self._cache_left = cache_bytes
-        self._check()
-        self._ffn = [self._ffn_names(i) for i in range(config.vision_feature_layer)]
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                   settings: VisionSettings | None = None) -> NumpyVisionEncoder:
         """``settings``: the file's, already read (or overridden), else read from it."""
-        reader = read_gguf(path)
-        return cls(GGUFTensors(reader), VisionTowerConfig.read(reader, settings), cache_bytes=cache_bytes,
-                   source=os.fspath(path))
+        tensors, layout = read_tower(path, settings)
+        return cls(tensors, layout.config, cache_bytes=cache_bytes, source=layout.source)
 
     # -- shapes -------------------------------------------------------------------------------
 
     @property
     def n_tokens(self) -> int:
         """Image tokens per tile."""
-        full = self.config.vision_feature_select_strategy == SelectStrategy.FULL
-        return self.config.num_patches + (1 if full else 0)
+        return self.config.n_tokens
 
     @property
     def llm_hidden_size(self) -> int:
-        return self._shape(self._projector_names()[-1] + ".weight")[0]
+        return self.layout.llm_hidden_size
 
     @property
     def image_newline(self) -> np.ndarray | None:
         """LLaVA 1.6's ``image_newline`` [llm_hidden] in float32, or None."""
-        for name in NEWLINE_TENSORS:
-            if name in self._tensors:
-                return np.asarray(self._tensors[name], dtype=_F32).reshape(-1)  # [1, d] or [d] -> [d]
-        return None
-
-    def _ffn_names(self, i: int) -> tuple[str, str]:
-        """(fc1, fc2) of block ``i``. llama.cpp's legacy converter stores fc1 as ``ffn_down`` and fc2 as
-        ``ffn_up``; the shapes tell: fc1 [ffn, hidden] reads the hidden state, fc2 [hidden, ffn] the
-        FFN's (as llama.cpp's clip.cpp decides; a square FFN keeps the names)."""
-        up = _name(gguf.MODEL_TENSOR.V_ENC_FFN_UP, "", i)
-        down = _name(gguf.MODEL_TENSOR.V_ENC_FFN_DOWN, "", i)
-        hidden = self.config.hidden_size
-        up_in, down_in = self._shape(up + ".weight")[-1], self._shape(down + ".weight")[-1]
-        if down_in == hidden and up_in != hidden:
-            return down, up
-        if up_in != hidden:
-            raise GGUFFormatError(
-                f"{self.source}: block {i}'s FFN weights read widths {up_in} and {down_in}, neither the hidden "
-                f"size {hidden}"
-            )
-        return up, down
-
-    def _projector_names(self) -> list[str]:
-        names = [_name(gguf.MODEL_TENSOR.V_MMPROJ, "", 0), _name(gguf.MODEL_TENSOR.V_MMPROJ, "", 2)]
-        return [n for n in names if n + ".weight" in self._tensors]
-
-    def _check(self) -> None:
-        cfg = self.config
-        required = [
-            _name(gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH, ".weight"),
-            _name(gguf.MODEL_TENSOR.V_ENC_EMBD_CLS, ""),
-            _name(gguf.MODEL_TENSOR.V_ENC_EMBD_POS, ".weight"),
-            _name(gguf.MODEL_TENSOR.V_PRE_NORM, ".weight"),
-            _name(gguf.MODEL_TENSOR.V_MMPROJ, ".weight", 0),
-        ]
-        for i in range(cfg.vision_feature_layer):
-            for tensor in self._BLOCK_TENSORS:
-                required += [_name(tensor, ".weight", i), _name(tensor, ".bias", i)]
-        missing = [n for n in required if n not in self._tensors]
-        if missing:
-            raise GGUFFormatError(
-                f"{self.source}: not a complete LLaVA mmproj: {len(missing)} tensor(s) missing, first {missing[0]!r}"
-            )
-        h, p = cfg.hidden_size, cfg.patch_size
-        patch = self._shape(required[0])
-        if patch != (h, 3, p, p):
-            raise GGUFFormatError(f"{self.source}: patch embedding has shape {patch}, expected {(h, 3, p, p)}")
-        pos = self._shape(required[2])
-        if pos != (cfg.num_patches + 1, h):
-            raise GGUFFormatError(
-                f"{self.source}: position embedding has shape {pos}, expected {(cfg.num_patches + 1, h)}"
-            )
-        if h % cfg.num_attention_heads:
-            raise GGUFFormatError(f"{self.source}: hidden size {h} is not a multiple of {cfg.num_attention_heads} heads")
-        for act in (cfg.hidden_act, cfg.projector_hidden_act):
-            if act not in _ACTIVATIONS:
-                raise GGUFFormatError(f"{self.source}: unsupported activation {act!r}; known: {sorted(_ACTIVATIONS)}")
-
-    _BLOCK_TENSORS = (
-        gguf.MODEL_TENSOR.V_ENC_INPUT_NORM,
-        gguf.MODEL_TENSOR.V_ENC_ATTN_Q,
-        gguf.MODEL_TENSOR.V_ENC_ATTN_K,
-        gguf.MODEL_TENSOR.V_ENC_ATTN_V,
-        gguf.MODEL_TENSOR.V_ENC_ATTN_O,
-        gguf.MODEL_TENSOR.V_ENC_POST_ATTN_NORM,
-        gguf.MODEL_TENSOR.V_ENC_FFN_UP,
-        gguf.MODEL_TENSOR.V_ENC_FFN_DOWN,
-    )
+        if self.layout.newline is None:
+            return None
+        return np.asarray(self._tensors[self.layout.newline], dtype=_F32).reshape(-1)  # [1, d] or [d] -> [d]
 
     def release_memory(self) -> None:
         """Forget the float32 weight copies and drop the mapped weights from resident memory.
@@ -258,11 +82,6 @@ class NumpyVisionEncoder:
             self._tensors.release_pages()
 
     # -- weights ------------------------------------------------------------------------------
-
-    def _shape(self, name: str) -> tuple[int, ...]:
-        if isinstance(self._tensors, GGUFTensors):
-            return self._tensors.shape(name)
-        return tuple(self._tensors[name].shape)
 
     def _weight(self, name: str) -> np.ndarray:
         """A float32 tensor: a view when stored so, else converted (and cached while room is left)."""
@@ -337,12 +156,12 @@ class NumpyVisionEncoder:
         # [3, g*p, g*p] -> [3, g, p, g, p] -> [g, g, 3, p, p] -> [g*g, 3*p*p]; rows in raster order
         patches = tile.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
         # conv weight [H, 3, p, p] -> [H, 3*p*p]
-        w = self._weight(_name(gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH, ".weight")).reshape(cfg.hidden_size, -1)
+        w = self._weight(self.layout.patch + ".weight").reshape(cfg.hidden_size, -1)
         emb = patches @ w.T  # [g*g, H]
-        cls = self._weight(_name(gguf.MODEL_TENSOR.V_ENC_EMBD_CLS, ""))  # [H]
+        cls = self._weight(self.layout.class_embedding)  # [H]
         x = np.concatenate([cls[None, :], emb], axis=0)  # [1 + g*g, H]: class token first
-        x += self._weight(_name(gguf.MODEL_TENSOR.V_ENC_EMBD_POS, ".weight"))  # [1 + g*g, H]
-        return self._layer_norm(x, _name(gguf.MODEL_TENSOR.V_PRE_NORM, ""))
+        x += self._weight(self.layout.position + ".weight")  # [1 + g*g, H]
+        return self._layer_norm(x, self.layout.pre_layernorm)
 
     def _block(self, x: np.ndarray, i: int) -> np.ndarray:
         """One CLIP encoder layer: x [T, H] -> [T, H]."""
@@ -350,11 +169,12 @@ class NumpyVisionEncoder:
         t, hidden = x.shape
         nh = cfg.num_attention_heads
         hd = hidden // nh
-        y = self._layer_norm(x, _name(gguf.MODEL_TENSOR.V_ENC_INPUT_NORM, "", i))
-        q = self._linear(y, _name(gguf.MODEL_TENSOR.V_ENC_ATTN_Q, "", i))
+        names = self.layout.blocks[i]
+        y = self._layer_norm(x, names.ln1)
+        q = self._linear(y, names.q)
         q *= _F32(hd**-0.5)
-        k = self._linear(y, _name(gguf.MODEL_TENSOR.V_ENC_ATTN_K, "", i))
-        v = self._linear(y, _name(gguf.MODEL_TENSOR.V_ENC_ATTN_V, "", i))
+        k = self._linear(y, names.k)
+        v = self._linear(y, names.v)
         # One head at a time: its [T, T] scores stay in cache (measured faster than a batched matmul).
         attn = np.empty((t, hidden), dtype=_F32)  # [T, nh * hd]
         scores = np.empty((t, t), dtype=_F32)
@@ -368,17 +188,16 @@ class NumpyVisionEncoder:
             np.sum(scores, axis=-1, keepdims=True, out=row)
             scores /= row
             np.matmul(scores, v[:, cols], out=attn[:, cols])  # [T, T] @ [T, hd] -> [T, hd]
-        x = x + self._linear(attn, _name(gguf.MODEL_TENSOR.V_ENC_ATTN_O, "", i))
-        y = self._layer_norm(x, _name(gguf.MODEL_TENSOR.V_ENC_POST_ATTN_NORM, "", i))
-        fc1, fc2 = self._ffn[i]
-        y = self._linear(y, fc1)  # [T, ffn]
+        x = x + self._linear(attn, names.out)
+        y = self._layer_norm(x, names.ln2)
+        y = self._linear(y, names.fc1)  # [T, ffn]
         y = _ACTIVATIONS[cfg.hidden_act](y)
-        x += self._linear(y, fc2)  # [T, H]
+        x += self._linear(y, names.fc2)  # [T, H]
         return x
 
     def project(self, h: np.ndarray) -> np.ndarray:
         """Selected features [T, H] -> [T, llm_hidden]: linear_1, activation, linear_2."""
-        names = self._projector_names()
+        names = self.layout.projector
         y = self._linear(h, names[0])
         for name in names[1:]:
             y = _ACTIVATIONS[self.config.projector_hidden_act](y)

@@ -17,16 +17,13 @@ mmprojs alike: a bitmap no larger than the tile is never sliced.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import gguf
 import llama_cpp
@@ -40,10 +37,11 @@ from llava_gguf.convert.names import Layout
 from llava_gguf.convert.tensors import TensorRef, TensorStore
 from llava_gguf.errors import ImageError, ModelLoadError
 from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings, read_gguf
-from llava_gguf.paths import cache_root
 from llava_gguf.preprocess import normalize_tile
 from llava_gguf.templates import Template
-from llava_gguf.vision import DEFAULT_CACHE_BYTES, NumpyVisionEncoder, VisionTowerConfig
+from llava_gguf.vision.encoder import TileCallback
+from llava_gguf.vision.numpy_encoder import NumpyVisionEncoder
+from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +58,6 @@ _KNOWN_CAUSE = (
     "llama.cpp puts LLaVA's class token after the patches but gives out the positions as if it came "
     "first (llama.cpp issue 25814), and uses tanh-GELU in the projector"
 )
-
-TileCallback = Callable[[int, int], None]
-
-
-class VisionEncoder(Protocol):
-    """What the runtime needs of a vision encoder (``NumpyVisionEncoder`` and ``MtmdVisionEncoder``)."""
-
-    config: VisionTowerConfig
-
-    @property
-    def n_tokens(self) -> int: ...
-
-    @property
-    def llm_hidden_size(self) -> int: ...
-
-    @property
-    def image_newline(self) -> np.ndarray | None: ...
-
-    def encode(self, tiles: np.ndarray, on_tile: TileCallback | None = None) -> np.ndarray: ...
-
 
 # -- libmtmd ----------------------------------------------------------------------------------
 
@@ -273,15 +251,11 @@ def probe_run_count() -> int:
     return _probe_runs
 
 
-def default_cache_dir() -> Path:
-    return cache_root()
-
-
 def probe_mtmd(cache_dir: str | os.PathLike[str] | None = None, *, use_cache: bool = True) -> ProbeVerdict:
     """Whether the installed libmtmd computes the reference LLaVA features, cached per library."""
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / PROBE_CACHE_FILE
     key = library_key()
-    cached = _read_cache(path) if use_cache else {}
+    cached = read_cache(path) if use_cache else {}
     entry = cached.get(key)
     if entry is not None:
         try:
@@ -293,29 +267,8 @@ def probe_mtmd(cache_dir: str | os.PathLike[str] | None = None, *, use_cache: bo
             log.debug("ignoring a malformed cached probe verdict in %s", path)
     verdict = run_probe()
     cached[key] = asdict(verdict)
-    _write_cache(path, cached)
+    write_cache(path, cached)
     return verdict
-
-
-def _read_cache(path: Path) -> dict[str, dict[str, object]]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        log.debug("ignoring unreadable probe cache %s (%s)", path, e)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(path: Path, data: dict[str, dict[str, object]]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(data, indent=1))
-        scratch.replace(path)
-    except OSError as e:
-        log.debug("could not cache the probe verdict in %s (%s)", path, e)
 
 
 def run_probe(n_threads: int = 1) -> ProbeVerdict:
@@ -510,56 +463,3 @@ def write_probe_llm(path: Path, n_embd: int) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-# -- choosing ---------------------------------------------------------------------------------
-
-
-def choose_encoder(
-    choice: str,
-    mmproj_path: str | os.PathLike[str],
-    llm_model: llama_cpp.llama_model_p,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    n_threads: int | None = None,
-    use_gpu: bool = False,
-    numpy_cache_bytes: int = DEFAULT_CACHE_BYTES,
-    settings: VisionSettings | None = None,
-) -> tuple[VisionEncoder, str, str]:
-    """``choice`` "auto" | "numpy" | "mtmd" (or ``model.EncoderChoice``) -> (encoder, name, reason).
-
-    auto: libmtmd only where the probe says it computes the reference features, else the exact
-    NumPy encoder; one log line says which and why. mtmd: libmtmd regardless, with a warning
-    giving how far it is from the reference. ``cache_dir`` holds the probe's verdict. ``settings``:
-    the mmproj's, as the runtime uses them (read from the file when None).
-    """
-    choice = str(getattr(choice, "value", choice))
-
-    def numpy_encoder() -> NumpyVisionEncoder:
-        return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes, settings=settings)
-
-    if choice == "numpy":
-        return numpy_encoder(), "numpy", "asked for the NumPy encoder"
-    if choice not in ("auto", "mtmd"):
-        raise ValueError(f"encoder choice must be 'auto', 'numpy' or 'mtmd', got {choice!r}")
-    verdict = probe_mtmd(cache_dir)
-    if choice == "mtmd":
-        encoder = MtmdVisionEncoder(mmproj_path, llm_model, n_threads=n_threads, use_gpu=use_gpu)
-        if verdict.ok:
-            return encoder, "mtmd", f"asked for libmtmd; {verdict.reason}"
-        reason = f"asked for libmtmd, which is not the reference model: {verdict.reason}"
-        log.warning("%s", reason)
-        return encoder, "mtmd", reason
-    if not verdict.ok:
-        reason = f"using the exact NumPy vision encoder: {verdict.reason}"
-        log.info("%s", reason)
-        return numpy_encoder(), "numpy", reason
-    try:
-        encoder = MtmdVisionEncoder(mmproj_path, llm_model, n_threads=n_threads, use_gpu=use_gpu)
-    except ModelLoadError as e:
-        reason = f"using the exact NumPy vision encoder: {e}"
-        log.info("%s", reason)
-        return numpy_encoder(), "numpy", reason
-    reason = f"using libmtmd for images: {verdict.reason}"
-    log.info("%s", reason)
-    return encoder, "mtmd", reason

@@ -1,0 +1,332 @@
+"""The reference CLIP tower and LLaVA projector as a ggml graph, on the CPU or a GPU backend.
+
+The graph is transformers' ``LlavaModel.get_image_features``, op for op in float32: patch embedding
+as a matrix product (``ggml_conv_2d`` would run im2col in f16), class token first with its position
+embedding, pre-layernorm, exactly the stored / selected blocks, the select strategy, then linear_1,
+exact GELU (``ggml_gelu_erf``: ``ggml_gelu`` goes through an f16 table on the CPU), linear_2. CLIP's
+quick GELU is x * sigmoid(1.702 x). Weights are uploaded as float32 (f16 and quantized files are
+converted once, as the NumPy encoder converts them per use), so the CPU never rounds activations to
+f16; every product asks for f32 accumulation (``ggml_prec_set_acc``), which GPU backends honour.
+
+The class token enters through the input: each tile's patch matrix gets a leading row of zeros, whose
+embedding is exactly zero, and the position table's first row carries ``class_embedding +
+position[0]`` (the same single float32 addition the reference makes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from llava_gguf.errors import ImageError, ModelLoadError
+from llava_gguf.metadata import SelectStrategy, VisionSettings
+from llava_gguf.vision.ggml_lib import (
+    DEVICE_TYPE_GPU,
+    GGML_PREC_F32,
+    GGML_STATUS_SUCCESS,
+    GGML_TYPE_F32,
+    GgmlLib,
+    GgmlUnavailable,
+    ggml_backend_buffer_t,
+    ggml_backend_t,
+    ggml_context_p,
+    ggml_gallocr_t,
+    ggml_init_params,
+    ggml_tensor_p,
+    load_ggml,
+)
+from llava_gguf.vision.weights import GGUFTensors, TowerLayout, VisionTowerConfig, read_tower
+
+TileCallback = Callable[[int, int], None]
+_F32 = np.float32
+GRAPH_SIZE = 8192  # nodes; a CLIP-L tower with 23 blocks needs about 800
+QUICK_GELU_SCALE = 1.702
+
+
+class GgmlVisionEncoder:
+    """CLIP tiles to LLaVA image features with ggml (CPU, or the GPU with ``use_gpu``), exactly as
+    transformers computes them. ``tiles_per_run``: tiles per graph run (default: 1 on the CPU, where
+    one at a time is fastest, all of an image's on a GPU)."""
+
+    def __init__(
+        self,
+        tensors: GGUFTensors,
+        layout: TowerLayout,
+        *,
+        use_gpu: bool = False,
+        n_threads: int | None = None,
+        tiles_per_run: int | None = None,
+        library: GgmlLib | None = None,
+    ) -> None:
+        self.lib = library or load_ggml()
+        self.layout = layout
+        self.config: VisionTowerConfig = layout.config
+        self._tensors = tensors
+        self._ctx_w: ggml_context_p | None = None
+        self._buffer: ggml_backend_buffer_t | None = None
+        self._galloc: ggml_gallocr_t | None = None
+        self._backend = self._init_backend(use_gpu, n_threads)
+        try:
+            self.backend_name = (self.lib.ggml_backend_name(self._backend) or b"?").decode()
+            self.on_gpu = use_gpu
+            self.tiles_per_run = tiles_per_run or (8 if use_gpu else 1)
+            self._weights: dict[str, ggml_tensor_p] = {}
+            self._upload_weights()
+            self._galloc = self.lib.ggml_gallocr_new(self.lib.ggml_backend_get_default_buffer_type(self._backend))
+            self.newline = self._newline()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], *, settings: VisionSettings | None = None,
+                  use_gpu: bool = False, n_threads: int | None = None,
+                  library: GgmlLib | None = None) -> GgmlVisionEncoder:
+        tensors, layout = read_tower(path, settings)
+        return cls(tensors, layout, use_gpu=use_gpu, n_threads=n_threads, library=library)
+
+    # -- the VisionEncoder interface ----------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        return self.config.n_tokens
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return self.layout.llm_hidden_size
+
+    @property
+    def image_newline(self) -> np.ndarray | None:
+        return self.newline
+
+    def encode(self, tiles: np.ndarray, on_tile: TileCallback | None = None) -> np.ndarray:
+        """tiles [n_tiles, 3, S, S] (normalized pixels) -> features [n_tiles, n_tokens, llm_hidden]."""
+        s = self.config.image_size
+        if tiles.ndim != 4 or tiles.shape[1:] != (3, s, s):
+            raise ImageError(f"tiles have shape {tuple(tiles.shape)}, expected (n, 3, {s}, {s})")
+        if self._ctx_w is None:
+            raise ModelLoadError("the ggml vision encoder is closed")
+        n = tiles.shape[0]
+        out = np.empty((n, self.n_tokens, self.llm_hidden_size), dtype=_F32)
+        for start in range(0, n, self.tiles_per_run):
+            stop = min(n, start + self.tiles_per_run)
+            out[start:stop] = self._run(np.asarray(tiles[start:stop], dtype=_F32))
+            if on_tile is not None:
+                on_tile(stop, n)
+        return out
+
+    def close(self) -> None:
+        lib = self.lib
+        if self._galloc is not None:
+            lib.ggml_gallocr_free(self._galloc)
+            self._galloc = None
+        if self._buffer is not None:
+            lib.ggml_backend_buffer_free(self._buffer)
+            self._buffer = None
+        if self._ctx_w is not None:
+            lib.ggml_free(self._ctx_w)
+            self._ctx_w = None
+        if getattr(self, "_backend", None) is not None:
+            lib.ggml_backend_free(self._backend)
+            self._backend = None  # type: ignore[assignment]
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  interpreter shutdown: the library may be gone
+            pass
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _init_backend(self, use_gpu: bool, n_threads: int | None) -> ggml_backend_t:
+        lib = self.lib
+        if use_gpu:
+            lib.ggml_backend_load_all()  # backends built as loadable modules register here
+            backend = lib.ggml_backend_init_by_type(DEVICE_TYPE_GPU, None)
+            if not backend:
+                raise GgmlUnavailable(f"the ggml in {lib.directory} has no GPU backend (a CPU-only build)")
+            return backend
+        backend = lib.ggml_backend_cpu_init()
+        if not backend:
+            raise GgmlUnavailable("ggml's CPU backend did not start")
+        lib.ggml_backend_cpu_set_n_threads(backend, n_threads or os.cpu_count() or 1)
+        return backend
+
+    def _host_weights(self) -> dict[str, np.ndarray]:
+        """Every weight the graph reads, float32, in torch's shapes (patch conv as [H, 3*p*p])."""
+        layout, cfg = self.layout, self.config
+
+        def f32(name: str) -> np.ndarray:
+            return np.ascontiguousarray(self._tensors[name], dtype=_F32)
+
+        position = f32(layout.position + ".weight").copy()  # [1 + n_patches, H]
+        position[0] += f32(layout.class_embedding).reshape(-1)  # class token + its position, as the reference adds them
+        out = {
+            "patch": f32(layout.patch + ".weight").reshape(cfg.hidden_size, -1),  # [H, 3, p, p] -> [H, 3*p*p]
+            "position": position,
+        }
+        names = [layout.pre_layernorm, *layout.projector]
+        for i, block in enumerate(layout.blocks):
+            names += [block.ln1, block.out, block.ln2, block.fc1, block.fc2]
+            # q, k and v as one product: [3H, H] weights, [3H] biases (one larger GEMM runs faster)
+            out[qkv_name(i) + ".weight"] = np.concatenate([f32(n + ".weight") for n in (block.q, block.k, block.v)])
+            out[qkv_name(i) + ".bias"] = np.concatenate([f32(n + ".bias") for n in (block.q, block.k, block.v)])
+        for name in names:
+            out[name + ".weight"] = f32(name + ".weight")
+            if layout.has(name + ".bias"):
+                out[name + ".bias"] = f32(name + ".bias")
+        return out
+
+    def _upload_weights(self) -> None:
+        lib = self.lib
+        host = self._host_weights()
+        params = ggml_init_params(mem_size=lib.ggml_tensor_overhead() * (len(host) + 1), mem_buffer=None, no_alloc=True)
+        self._ctx_w = lib.ggml_init(params)
+        if not self._ctx_w:
+            self._ctx_w = None
+            raise GgmlUnavailable("ggml_init failed for the weights' context")
+        for name, array in host.items():
+            self._weights[name] = self._new_tensor(self._ctx_w, tuple(reversed(array.shape)))  # ggml's ne: innermost first
+        self._buffer = lib.ggml_backend_alloc_ctx_tensors(self._ctx_w, self._backend)
+        if not self._buffer:
+            self._buffer = None
+            raise GgmlUnavailable(f"{self.backend_name}: no memory for the vision weights")
+        for name, array in host.items():
+            lib.ggml_backend_tensor_set(self._weights[name], array.ctypes.data, 0, array.nbytes)
+
+    def _newline(self) -> np.ndarray | None:
+        name = self.layout.newline
+        return None if name is None else np.asarray(self._tensors[name], dtype=_F32).reshape(-1)
+
+    def _new_tensor(self, ctx: ggml_context_p, ne: tuple[int, ...]) -> ggml_tensor_p:
+        dims = (ctypes.c_int64 * len(ne))(*ne)
+        return self.lib.ggml_new_tensor(ctx, GGML_TYPE_F32, len(ne), dims)
+
+    # -- the graph ----------------------------------------------------------------------------
+
+    def _run(self, tiles: np.ndarray) -> np.ndarray:
+        """tiles [B, 3, S, S] -> features [B, n_tokens, llm_hidden], in one graph run."""
+        lib, cfg = self.lib, self.config
+        b = tiles.shape[0]
+        p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
+        # [B, 3, g*p, g*p] -> [B, 3, g, p, g, p] -> [B, g, g, 3, p, p] -> [B, g*g, 3*p*p]; rows in raster order
+        patches = tiles.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
+        rows = np.zeros((b, 1 + g * g, 3 * p * p), dtype=_F32)  # [B, 1 + g*g, 3*p*p]: row 0 is the class token's
+        rows[:, 1:] = patches
+        overhead = lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
+        ctx = lib.ggml_init(ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
+        if not ctx:
+            raise GgmlUnavailable("ggml_init failed for the graph's context")
+        try:
+            inp = self._new_tensor(ctx, (3 * p * p, 1 + g * g, b))
+            lib.ggml_set_input(inp)
+            out = Graph(lib, ctx, self._weights, self.layout).features(inp, b)
+            lib.ggml_set_output(out)
+            graph = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
+            lib.ggml_build_forward_expand(graph, out)
+            if not lib.ggml_gallocr_alloc_graph(self._galloc, graph):
+                raise ModelLoadError(f"{self.backend_name}: no memory for the vision graph of {b} tile(s)")
+            lib.ggml_backend_tensor_set(inp, rows.ctypes.data, 0, rows.nbytes)
+            status = lib.ggml_backend_graph_compute(self._backend, graph)
+            if status != GGML_STATUS_SUCCESS:
+                raise ModelLoadError(f"{self.backend_name}: the vision graph failed (ggml status {status})")
+            features = np.empty((b, self.n_tokens, self.llm_hidden_size), dtype=_F32)
+            lib.ggml_backend_tensor_get(out, features.ctypes.data, 0, features.nbytes)
+            return features
+        finally:
+            lib.ggml_free(ctx)
+
+
+class Graph:
+    """Builds the reference graph's nodes in a context. Shapes in comments are ggml's ``ne``, innermost
+    first: [H, T, B] is B tiles of T tokens of width H."""
+
+    def __init__(self, lib: GgmlLib, ctx: ggml_context_p, weights: dict[str, ggml_tensor_p], layout: TowerLayout):
+        self.lib, self.ctx, self.w, self.layout, self.cfg = lib, ctx, weights, layout, layout.config
+
+    def linear(self, x: ggml_tensor_p, name: str) -> ggml_tensor_p:
+        lib = self.lib
+        y = lib.ggml_mul_mat(self.ctx, self.w[name + ".weight"], x)  # [in, out] x [in, T, B] -> [out, T, B]
+        lib.ggml_prec_set_acc(y, GGML_PREC_F32)
+        bias = self.w.get(name + ".bias")
+        return lib.ggml_add(self.ctx, y, bias) if bias is not None else y
+
+    def layer_norm(self, x: ggml_tensor_p, name: str) -> ggml_tensor_p:
+        lib = self.lib
+        y = lib.ggml_norm(self.ctx, x, self.cfg.layer_norm_eps)
+        y = lib.ggml_mul(self.ctx, y, self.w[name + ".weight"])
+        return lib.ggml_add(self.ctx, y, self.w[name + ".bias"])
+
+    def activation(self, x: ggml_tensor_p, kind: str) -> ggml_tensor_p:
+        lib = self.lib
+        if kind == "gelu":
+            return lib.ggml_gelu_erf(self.ctx, x)
+        # quick_gelu: x * sigmoid(1.702 x)
+        return lib.ggml_mul(self.ctx, x, lib.ggml_sigmoid(self.ctx, lib.ggml_scale(self.ctx, x, QUICK_GELU_SCALE)))
+
+    def features(self, inp: ggml_tensor_p, b: int) -> ggml_tensor_p:
+        """inp [3*p*p, T, B] (row 0 of each tile zero) -> features [llm_hidden, n_tokens, B]."""
+        lib, ctx, cfg = self.lib, self.ctx, self.cfg
+        x = lib.ggml_mul_mat(ctx, self.w["patch"], inp)  # [3*p*p, H] x [3*p*p, T, B] -> [H, T, B]
+        lib.ggml_prec_set_acc(x, GGML_PREC_F32)
+        x = lib.ggml_add(ctx, x, self.w["position"])  # + [H, T], the class token in row 0
+        x = self.layer_norm(x, self.layout.pre_layernorm)
+        for i in range(cfg.vision_feature_layer):
+            x = self.block(x, i, b)
+        h, t = cfg.hidden_size, cfg.num_patches + 1
+        if cfg.vision_feature_select_strategy == SelectStrategy.DEFAULT:
+            # [H, T, B] -> [H, T - 1, B]: drop the class token
+            x = lib.ggml_cont(ctx, lib.ggml_view_3d(ctx, x, h, t - 1, b, 4 * h, 4 * h * t, 4 * h))
+        names = self.layout.projector
+        y = self.linear(x, names[0])
+        for name in names[1:]:
+            y = self.activation(y, cfg.projector_hidden_act)
+            y = self.linear(y, name)
+        return y
+
+    def block(self, x: ggml_tensor_p, i: int, b: int) -> ggml_tensor_p:
+        """One CLIP encoder layer: x [H, T, B] -> [H, T, B]."""
+        lib, ctx, cfg = self.lib, self.ctx, self.cfg
+        names = self.layout.blocks[i]
+        h, t, nh = cfg.hidden_size, cfg.num_patches + 1, cfg.num_attention_heads
+        hd = h // nh
+        y = self.layer_norm(x, names.ln1)
+        qkv = self.linear(y, qkv_name(i))  # [3H, T, B]: q, k, v one after the other in each row
+
+        def heads(part: int) -> ggml_tensor_p:  # [3H, T, B] -> the part's [hd, nh, T, B], a view
+            return lib.ggml_view_4d(ctx, qkv, hd, nh, t, b, 4 * hd, 4 * 3 * h, 4 * 3 * h * t, 4 * h * part)
+
+        q, k, v = heads(0), heads(1), heads(2)
+        q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)  # [hd, nh, T, B] -> [hd, T, nh, B]
+        k = lib.ggml_permute(ctx, k, 0, 2, 1, 3)
+        scores = lib.ggml_mul_mat(ctx, k, q)  # [T_k, T_q, nh, B]
+        lib.ggml_prec_set_acc(scores, GGML_PREC_F32)
+        probs = lib.ggml_soft_max_ext(ctx, scores, None, 1.0 / math.sqrt(hd), 0.0)  # softmax(scale * scores) over T_k
+        v = lib.ggml_cont(ctx, lib.ggml_permute(ctx, v, 1, 2, 0, 3))  # [hd, nh, T, B] -> [T, hd, nh, B]
+        attn = lib.ggml_mul_mat(ctx, v, probs)  # [T, hd, nh, B] x [T_k, T_q, nh, B] -> [hd, T_q, nh, B]
+        lib.ggml_prec_set_acc(attn, GGML_PREC_F32)
+        attn = lib.ggml_cont(ctx, lib.ggml_permute(ctx, attn, 0, 2, 1, 3))  # [hd, T, nh, B] -> [hd, nh, T, B]
+        attn = lib.ggml_reshape_3d(ctx, attn, h, t, b)  # [hd, nh, T, B] -> [H, T, B]
+        x = lib.ggml_add(ctx, x, self.linear(attn, names.out))
+        y = self.layer_norm(x, names.ln2)
+        y = self.activation(self.linear(y, names.fc1), cfg.hidden_act)  # [ffn, T, B]
+        return lib.ggml_add(ctx, x, self.linear(y, names.fc2))
+
+
+def qkv_name(block: int) -> str:
+    """The fused q/k/v projection of a block, in the encoder's own weights (not a GGUF name)."""
+    return f"blk.{block}.qkv"
+
+
+def time_tiles(encoder: GgmlVisionEncoder, n: int = 1) -> float:
+    """Seconds per tile on random input (for the speed probe and the benchmark)."""
+    s = encoder.config.image_size
+    tiles = np.random.default_rng(0).standard_normal((n, 3, s, s)).astype(_F32)
+    start = time.perf_counter()
+    encoder.encode(tiles)
+    return (time.perf_counter() - start) / n
