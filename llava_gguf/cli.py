@@ -278,7 +278,9 @@ _RUN_OPTIONS = [
     click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                  help="llama.cpp flash attention."),
     click.option("--encoder", type=click.Choice([e.value for e in EncoderChoice]), default="auto",
-                 show_default=True, help="Vision encoder implementation."),
+                 show_default=True,
+                 help="Vision encoder: auto picks the fastest exact one (ggml on the GPU with -ngl, else ggml or "
+                      "NumPy, whichever runs faster here); ggml, numpy and mtmd force one."),
     click.option("--temp", type=click.FloatRange(min=0), default=0.2, show_default=True,
                  help="Sampling temperature (0: greedy)."),
     click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
@@ -471,7 +473,7 @@ def ask(state: CLIState, question: tuple[str, ...], images: tuple[str, ...], as_
                 "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s},
                 "model": {"llm": str(model.llm_path), "mmproj": str(model.mmproj_path),
                           "llava_version": model.settings.llava_version, "template": model.template.value,
-                          "inferred": model.inference_note},
+                          "inferred": model.inference_note, "vision_encoder": model.encoder_name},
             }, ensure_ascii=False))
         finally:
             model.close()

@@ -173,6 +173,7 @@ class LlavaModel:
             n_threads=self.options.llama.n_threads,
             use_gpu=self.options.llama.n_gpu_layers != 0,
             numpy_cache_bytes=0 if self.options.low_memory else DEFAULT_CACHE_BYTES,
+            low_memory=self.options.low_memory,
         )
         return encoder
 

@@ -180,7 +180,9 @@ def test_model_given_as_files_dir_or_env(converted, images) -> None:
     by_env = json_of(run("ask", *common, env={"LLAVA_GGUF_MODEL": str(c.dir)}))
     assert by_dir["tokens"] == by_files["tokens"] == by_llm_file["tokens"] == by_env["tokens"]
     assert by_files["model"] == {"llm": str(c.llm), "mmproj": str(c.mmproj), "llava_version": "1.5",
-                                 "template": "llava_hf", "inferred": None}
+                                 "template": "llava_hf", "inferred": None,
+                                 "vision_encoder": by_files["model"]["vision_encoder"]}
+    assert by_files["model"]["vision_encoder"] in ("numpy", "ggml")  # auto: an exact one
     # --llm/--mmproj win over LLAVA_GGUF_MODEL
     assert json_of(run("ask", "--llm", str(c.llm), "--mmproj", str(c.mmproj), *common,
                        env={"LLAVA_GGUF_MODEL": "/nonexistent"}))["tokens"] == by_dir["tokens"]

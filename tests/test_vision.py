@@ -22,6 +22,7 @@ from llava_gguf.convert.names import Layout, block_index, canonical_name, gguf_n
 from llava_gguf.errors import GGUFFormatError, ImageError
 from llava_gguf.metadata import ClipKeys, ImageMode, SelectStrategy, VisionSettings
 from llava_gguf.vision import GGUFTensors, NumpyVisionEncoder, gelu, load_mmproj_tensors, quick_gelu
+from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder
 
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
@@ -195,8 +196,14 @@ CASES = [
 ]
 
 
+ENCODERS = {"numpy": NumpyVisionEncoder.from_gguf, "ggml": GgmlVisionEncoder.from_gguf}
+
+
+@pytest.mark.parametrize("encoder_name", list(ENCODERS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"layer{c.feature_layer}-{c.strategy.value}-{c.weights}")
-def test_features_match_transformers(case: Case, tmp_path: Path) -> None:
+def test_features_match_transformers(case: Case, encoder_name: str, tmp_path: Path) -> None:
+    """Both exact encoders (NumPy, and ggml on the CPU backend) on every storage type: the reference
+    holds the values the GGUF stores (f16 rounding, quantization error), so 1e-5 is float32 arithmetic."""
     model = tiny_llava(case)
     n_blocks = case.feature_layer % (N_LAYERS + 1)  # hidden_states index = blocks that run
     stored = store(gguf_tensors(model, n_blocks), case.weights)
@@ -206,7 +213,7 @@ def test_features_match_transformers(case: Case, tmp_path: Path) -> None:
 
     tiles = np.random.default_rng(1).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
     expected = reference_features(model, tiles, case)
-    encoder = NumpyVisionEncoder.from_gguf(path)
+    encoder = ENCODERS[encoder_name](path)
     got = encoder.encode(tiles)
 
     n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2

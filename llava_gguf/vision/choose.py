@@ -67,11 +67,13 @@ def choose_encoder(
     numpy_cache_bytes: int = DEFAULT_CACHE_BYTES,
     settings: VisionSettings | None = None,
     ggml_library: str | os.PathLike[str] | None = None,
+    low_memory: bool = False,
 ) -> tuple[VisionEncoder, str, str]:
     """``choice`` "auto" | "numpy" | "ggml" | "mtmd" -> (encoder, name, reason); one log line says which
     and why. ``cache_dir`` holds the probes' verdicts; ``settings``: the mmproj's, as the runtime uses them;
     ``ggml_library``: a directory with another ggml build (else ``$LLAVA_GGUF_GGML_LIB``, else
-    llama-cpp-python's)."""
+    llama-cpp-python's). ``low_memory``: on the CPU, auto keeps to NumPy, which holds no float32 copy of
+    the weights (ggml holds one in its buffer)."""
     choice = str(getattr(choice, "value", choice))
     if choice not in {c.value for c in EncoderChoice}:
         raise ValueError(f"encoder choice must be one of {', '.join(c.value for c in EncoderChoice)}, got {choice!r}")
@@ -126,7 +128,9 @@ def choose_encoder(
                           f"using libmtmd for images: {mtmd.reason}")
         except ModelLoadError as e:
             log.debug("libmtmd cannot load the mmproj: %s", e)
-    if library is not None:
+    if library is not None and low_memory:
+        why_not_ggml = "low memory: ggml on the CPU would hold a float32 copy of the vision weights"
+    elif library is not None:
         verdict = probe_ggml(library, cache_dir, use_gpu=False, n_threads=n_threads)
         timing = f"ggml {verdict.ggml_s:.2f} s vs NumPy {verdict.numpy_s:.2f} s per probe tile"
         if verdict.exact and verdict.ggml_s < verdict.numpy_s:

@@ -157,47 +157,65 @@ class GgmlVisionEncoder:
         lib.ggml_backend_cpu_set_n_threads(backend, n_threads or os.cpu_count() or 1)
         return backend
 
-    def _host_weights(self) -> dict[str, np.ndarray]:
-        """Every weight the graph reads, float32, in torch's shapes (patch conv as [H, 3*p*p])."""
+    def _weight_specs(self) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+        """(key, torch shape, producer) of every weight the graph reads; the producer gives it as float32
+        (the patch conv as [H, 3*p*p], q/k/v fused), so only one converted tensor is held at a time."""
         layout, cfg = self.layout, self.config
 
         def f32(name: str) -> np.ndarray:
             return np.ascontiguousarray(self._tensors[name], dtype=_F32)
 
-        position = f32(layout.position + ".weight").copy()  # [1 + n_patches, H]
-        position[0] += f32(layout.class_embedding).reshape(-1)  # class token + its position, as the reference adds them
-        out = {
-            "patch": f32(layout.patch + ".weight").reshape(cfg.hidden_size, -1),  # [H, 3, p, p] -> [H, 3*p*p]
-            "position": position,
-        }
+        def position() -> np.ndarray:
+            table = f32(layout.position + ".weight").copy()  # [1 + n_patches, H]
+            table[0] += f32(layout.class_embedding).reshape(-1)  # class token + its position, as the reference adds
+            return table
+
+        def patch() -> np.ndarray:
+            return f32(layout.patch + ".weight").reshape(h, -1)  # [H, 3, p, p] -> [H, 3*p*p]
+
+        def fused(parts: tuple[str, ...], suffix: str) -> Callable[[], np.ndarray]:
+            return lambda: np.concatenate([f32(n + suffix) for n in parts])  # [3H, H] or [3H]
+
+        def stored(key: str) -> Callable[[], np.ndarray]:
+            return lambda: f32(key)
+
+        h, t = cfg.hidden_size, cfg.num_patches + 1
+        specs: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = [
+            ("patch", (h, 3 * cfg.patch_size**2), patch),
+            ("position", (t, h), position),
+        ]
         names = [layout.pre_layernorm, *layout.projector]
         for i, block in enumerate(layout.blocks):
             names += [block.ln1, block.out, block.ln2, block.fc1, block.fc2]
-            # q, k and v as one product: [3H, H] weights, [3H] biases (one larger GEMM runs faster)
-            out[qkv_name(i) + ".weight"] = np.concatenate([f32(n + ".weight") for n in (block.q, block.k, block.v)])
-            out[qkv_name(i) + ".bias"] = np.concatenate([f32(n + ".bias") for n in (block.q, block.k, block.v)])
+            # q, k and v as one product (one larger GEMM runs faster than three)
+            parts = (block.q, block.k, block.v)
+            specs.append((qkv_name(i) + ".weight", (3 * h, h), fused(parts, ".weight")))
+            specs.append((qkv_name(i) + ".bias", (3 * h,), fused(parts, ".bias")))
         for name in names:
-            out[name + ".weight"] = f32(name + ".weight")
-            if layout.has(name + ".bias"):
-                out[name + ".bias"] = f32(name + ".bias")
-        return out
+            for suffix in (".weight", ".bias"):
+                if layout.has(name + suffix):
+                    specs.append((name + suffix, layout.shape(name + suffix), stored(name + suffix)))
+        return specs
 
     def _upload_weights(self) -> None:
         lib = self.lib
-        host = self._host_weights()
-        params = ggml_init_params(mem_size=lib.ggml_tensor_overhead() * (len(host) + 1), mem_buffer=None, no_alloc=True)
+        specs = self._weight_specs()
+        params = ggml_init_params(mem_size=lib.ggml_tensor_overhead() * (len(specs) + 1), mem_buffer=None, no_alloc=True)
         self._ctx_w = lib.ggml_init(params)
         if not self._ctx_w:
             self._ctx_w = None
             raise GgmlUnavailable("ggml_init failed for the weights' context")
-        for name, array in host.items():
-            self._weights[name] = self._new_tensor(self._ctx_w, tuple(reversed(array.shape)))  # ggml's ne: innermost first
+        for key, shape, _ in specs:
+            self._weights[key] = self._new_tensor(self._ctx_w, tuple(reversed(shape)))  # ggml's ne: innermost first
         self._buffer = lib.ggml_backend_alloc_ctx_tensors(self._ctx_w, self._backend)
         if not self._buffer:
             self._buffer = None
             raise GgmlUnavailable(f"{self.backend_name}: no memory for the vision weights")
-        for name, array in host.items():
-            lib.ggml_backend_tensor_set(self._weights[name], array.ctypes.data, 0, array.nbytes)
+        for key, shape, produce in specs:
+            array = produce()
+            if array.shape != shape:
+                raise ModelLoadError(f"{self.layout.source}: {key} has shape {array.shape}, expected {shape}")
+            lib.ggml_backend_tensor_set(self._weights[key], array.ctypes.data, 0, array.nbytes)
 
     def _newline(self) -> np.ndarray | None:
         name = self.layout.newline

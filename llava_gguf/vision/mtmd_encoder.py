@@ -343,8 +343,7 @@ _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _probe_checkpoint() -> LlavaCheckpoint:
-    v = PROBE_VISION
+def _probe_checkpoint(v: VisionConfig = PROBE_VISION) -> LlavaCheckpoint:
     text = TextConfig(
         model_type="llama", hidden_size=v.projection_dim, intermediate_size=16, num_hidden_layers=1,
         num_attention_heads=1, num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -362,15 +361,15 @@ def _probe_checkpoint() -> LlavaCheckpoint:
     )
 
 
-def _probe_weights() -> dict[str, np.ndarray]:
-    """Random weights in transformers' names and shapes (fixed seed)."""
-    v = PROBE_VISION
+def _probe_weights(v: VisionConfig = PROBE_VISION, scale: float = 0.5) -> dict[str, np.ndarray]:
+    """Random weights in transformers' names and shapes (fixed seed); matrices drawn with std ``scale``."""
     rng = np.random.default_rng(0)
+    matrix_scale = scale
     h, f, p, n_pos = v.hidden_size, v.intermediate_size, v.patch_size, (v.image_size // v.patch_size) ** 2 + 1
     d = v.projection_dim
 
-    def rand(*shape: int, scale: float = 0.5) -> np.ndarray:
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
+    def rand(*shape: int, scale: float = matrix_scale) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
 
     tower = "vision_tower.vision_model."
     w = {
@@ -420,9 +419,11 @@ class _ArrayStore(TensorStore):
         return self._arrays[name]
 
 
-def write_probe_mmproj(path: Path) -> None:
-    """The probe tower as an F32 mmproj, through the converter's own writer (its keys and names)."""
-    write_mmproj(_probe_checkpoint(), _ArrayStore(_probe_weights()), None, path, MmprojType.F32)
+def write_probe_mmproj(path: Path, vision: VisionConfig = PROBE_VISION, kind: MmprojType = MmprojType.F32,
+                       scale: float = 0.5) -> None:
+    """The probe tower (or a random one of ``vision``'s shape) as an mmproj, through the converter's own
+    writer (its keys and names); the projector maps to ``vision.projection_dim``."""
+    write_mmproj(_probe_checkpoint(vision), _ArrayStore(_probe_weights(vision, scale)), None, path, kind)
 
 
 def write_probe_llm(path: Path, n_embd: int) -> None:
