@@ -373,3 +373,16 @@ def test_a_download_folder_and_the_python_api(legacy, image_file: Path, tmp_path
         model = LlavaModel.load("ollama:llava:13b", EXACT)
     assert model.template is Template.VICUNA_V1 and "ollama's template" in (model.inference_note or "")
     model.close()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_ggml_encoder_reads_legacy_files_too(legacy, case) -> None:
+    """Trimmed tower, swapped FFN names, the newline's old name, quantized types: through the same layout."""
+    from llava_gguf.vision.choose import EncoderChoice
+
+    pair = legacy(case)
+    model = LlavaModel(pair.llm, pair.mmproj, RuntimeOptions(llama=EXACT.llama, encoder=EncoderChoice.GGML))
+    image = random_image(90, 50, seed=5)
+    assert model.encoder_name == "ggml"
+    assert np.abs(model.image_features(image) - pair.original.image_features(image).numpy()).max() <= 1e-4
+    model.close()
