@@ -19,12 +19,13 @@ import ctypes
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from llava_gguf.errors import ImageError, ModelLoadError
 from llava_gguf.metadata import SelectStrategy, VisionSettings
+from llava_gguf.vision.encoder import TileCallback, TowerShapes
 from llava_gguf.vision.ggml_lib import (
     DEVICE_TYPE_GPU,
     GGML_PREC_F32,
@@ -40,22 +41,21 @@ from llava_gguf.vision.ggml_lib import (
     ggml_tensor_p,
     load_ggml,
 )
-from llava_gguf.vision.weights import GGUFTensors, TowerLayout, VisionTowerConfig, read_tower
+from llava_gguf.vision.weights import TowerLayout, VisionTowerConfig, read_tower
 
-TileCallback = Callable[[int, int], None]
 _F32 = np.float32
 GRAPH_SIZE = 8192  # nodes; a CLIP-L tower with 23 blocks needs about 800
 QUICK_GELU_SCALE = 1.702
 
 
-class GgmlVisionEncoder:
+class GgmlVisionEncoder(TowerShapes):
     """CLIP tiles to LLaVA image features with ggml (CPU, or the GPU with ``use_gpu``), exactly as
     transformers computes them. ``tiles_per_run``: tiles per graph run (default: 1 on the CPU, where
     one at a time is fastest, all of an image's on a GPU)."""
 
     def __init__(
         self,
-        tensors: GGUFTensors,
+        tensors: Mapping[str, np.ndarray],
         layout: TowerLayout,
         *,
         use_gpu: bool = False,
@@ -78,7 +78,6 @@ class GgmlVisionEncoder:
             self._weights: dict[str, ggml_tensor_p] = {}
             self._upload_weights()
             self._galloc = self.lib.ggml_gallocr_new(self.lib.ggml_backend_get_default_buffer_type(self._backend))
-            self.newline = self._newline()
         except BaseException:
             self.close()
             raise
@@ -90,19 +89,7 @@ class GgmlVisionEncoder:
         tensors, layout = read_tower(path, settings)
         return cls(tensors, layout, use_gpu=use_gpu, n_threads=n_threads, library=library)
 
-    # -- the VisionEncoder interface ----------------------------------------------------------
-
-    @property
-    def n_tokens(self) -> int:
-        return self.config.n_tokens
-
-    @property
-    def llm_hidden_size(self) -> int:
-        return self.layout.llm_hidden_size
-
-    @property
-    def image_newline(self) -> np.ndarray | None:
-        return self.newline
+    # -- the VisionEncoder interface (the shapes come from TowerShapes) -----------------------
 
     def encode(self, tiles: np.ndarray, on_tile: TileCallback | None = None) -> np.ndarray:
         """tiles [n_tiles, 3, S, S] (normalized pixels) -> features [n_tiles, n_tokens, llm_hidden]."""
@@ -216,10 +203,6 @@ class GgmlVisionEncoder:
             if array.shape != shape:
                 raise ModelLoadError(f"{self.layout.source}: {key} has shape {array.shape}, expected {shape}")
             lib.ggml_backend_tensor_set(self._weights[key], array.ctypes.data, 0, array.nbytes)
-
-    def _newline(self) -> np.ndarray | None:
-        name = self.layout.newline
-        return None if name is None else np.asarray(self._tensors[name], dtype=_F32).reshape(-1)
 
     def _new_tensor(self, ctx: ggml_context_p, ne: tuple[int, ...]) -> ggml_tensor_p:
         dims = (ctypes.c_int64 * len(ne))(*ne)

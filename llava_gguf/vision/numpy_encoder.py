@@ -20,6 +20,7 @@ import numpy as np
 
 from llava_gguf.errors import ImageError
 from llava_gguf.metadata import SelectStrategy, VisionSettings
+from llava_gguf.vision.encoder import TowerShapes
 from llava_gguf.vision.weights import GGUFTensors, TowerLayout, VisionTowerConfig, read_tower
 
 # Upcast float16 / dequantized weights kept between tiles; 512 MiB holds about ten CLIP-L blocks.
@@ -28,7 +29,7 @@ DEFAULT_CACHE_BYTES = 512 * 2**20
 _F32 = np.float32
 
 
-class NumpyVisionEncoder:
+class NumpyVisionEncoder(TowerShapes):
     """CLIP tiles to LLaVA image features, exactly as transformers computes them, in float32."""
 
     def __init__(
@@ -52,24 +53,6 @@ class NumpyVisionEncoder:
         """``settings``: the file's, already read (or overridden), else read from it."""
         tensors, layout = read_tower(path, settings)
         return cls(tensors, layout.config, cache_bytes=cache_bytes, source=layout.source)
-
-    # -- shapes -------------------------------------------------------------------------------
-
-    @property
-    def n_tokens(self) -> int:
-        """Image tokens per tile."""
-        return self.config.n_tokens
-
-    @property
-    def llm_hidden_size(self) -> int:
-        return self.layout.llm_hidden_size
-
-    @property
-    def image_newline(self) -> np.ndarray | None:
-        """LLaVA 1.6's ``image_newline`` [llm_hidden] in float32, or None."""
-        if self.layout.newline is None:
-            return None
-        return np.asarray(self._tensors[self.layout.newline], dtype=_F32).reshape(-1)  # [1, d] or [d] -> [d]
 
     def release_memory(self) -> None:
         """Forget the float32 weight copies and drop the mapped weights from resident memory.
