@@ -33,7 +33,8 @@ from llava_gguf.image import load_image
 from llava_gguf.llama import KVCacheType, LlamaOptions
 from llava_gguf.memory import context_needed, estimate_memory
 from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
-from llava_gguf.paths import features_dir, history_file
+from llava_gguf.paths import features_dir, history_file, models_dir, prompts_dir
+from llava_gguf.prompt_cache import cache_usage, clear_cache
 from llava_gguf.repl import ChatLoop, enable_history
 from llava_gguf.sampling import SamplingOptions
 from llava_gguf.sequence import display_ids
@@ -202,6 +203,53 @@ def inspect(state: CLIState, file: Path, as_json: bool) -> None:
 
 
 
+# ---------------------------------------------------------------- the caches
+
+
+def _caches() -> list[tuple[str, Path, str]]:
+    """(name, directory, file pattern) of the caches `cache clear` empties."""
+    return [("image features", features_dir(), "*.npy"), ("prompt KV states", prompts_dir(), "*.kv")]
+
+
+@main.group()
+def cache() -> None:
+    """Show or empty what llava-gguf keeps on disk between runs: image features and prompt KV states.
+
+    \b
+    Examples:
+      llava-gguf cache info
+      llava-gguf cache clear
+    """
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info(as_json: bool) -> None:
+    """Where each cache is, and how many entries and bytes it holds."""
+    rows = [{"cache": name, "directory": str(directory), "entries": usage[0], "bytes": usage[1]}
+            for name, directory, pattern in _caches() for usage in [cache_usage(directory, pattern)]]
+    models = cache_usage(models_dir(), "*/*.gguf")
+    rows.append({"cache": "converted models (not cleared)", "directory": str(models_dir()), "entries": models[0],
+                 "bytes": models[1]})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None)
+    for column in ("cache", "entries", "size", "directory"):
+        table.add_column(column, justify="right" if column in ("entries", "size") else "left")
+    for row in rows:
+        table.add_row(row["cache"], str(row["entries"]), _human(row["bytes"]), row["directory"])
+    Console().print(table)
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Empty the image feature and prompt caches (converted models stay)."""
+    for name, directory, pattern in _caches():
+        files, size = clear_cache(directory, pattern)
+        click.echo(f"{name}: removed {files} entries ({_human(size)}) from {directory}")
+
+
 # ---------------------------------------------------------------- running a model: ask and chat
 
 
@@ -247,6 +295,7 @@ class RunSettings:
         return RuntimeOptions(
             llama=llama, encoder=EncoderChoice(self.encoder),
             cache_dir=None if self.no_cache else features_dir(),
+            prompt_cache=not self.no_cache,
             template=Template(self.template) if self.template else None,
             llava_version=self.llava_version,
             low_memory=self.low_memory,
@@ -296,7 +345,8 @@ _RUN_OPTIONS = [
                  help="Treat the mmproj as LLaVA 1.5 (padded square) or 1.6 (anyres tiles) [default: the file's; "
                       "inferred for other tools' files]."),
     click.option("--system", help="System prompt [default: the template's]."),
-    click.option("--no-cache", is_flag=True, help="Do not keep image features on disk across runs."),
+    click.option("--no-cache", is_flag=True,
+                 help="Keep nothing on disk across runs: neither image features nor prompt KV states."),
     click.option("--low-memory", is_flag=True, help="q8_0 KV cache, the smallest context that fits, mmap."),
     click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors."),
 ]
@@ -470,7 +520,8 @@ def ask(state: CLIState, question: tuple[str, ...], images: tuple[str, ...], as_
                 "prompt_tokens": display_ids(chat.last_items),
                 "n_prompt_tokens": t.n_prompt_tokens,
                 "n_image_tokens": t.n_image_tokens,
-                "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s},
+                "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+                            "n_prefilled": t.n_prefilled, "n_restored": t.n_restored},
                 "model": {"llm": str(model.llm_path), "mmproj": str(model.mmproj_path),
                           "llava_version": model.settings.llava_version, "template": model.template.value,
                           "inferred": model.inference_note, "vision_encoder": model.encoder_name},
@@ -487,7 +538,8 @@ def _stats(model: LlavaModel) -> list[tuple[str, str]]:
     return [
         ("images encoded", str(t.n_images_encoded)),
         ("image tokens", ", ".join(map(str, t.n_image_tokens)) or "none"),
-        ("prompt tokens", f"{t.n_prompt_tokens} ({t.n_prefilled} prefilled, the rest reused from the cache)"),
+        ("prompt tokens", f"{t.n_prompt_tokens} ({t.n_prefilled} prefilled, {t.n_restored} restored from disk, "
+                          "the rest reused from the context)"),
         ("generated tokens", str(t.n_generated)),
         ("vision encode", f"{t.vision_encode_s:.3f} s"),
         ("prefill", f"{t.prefill_s:.3f} s"),

@@ -22,7 +22,11 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.warning("image feature cache off for this run: cannot create %s (%s)", directory, e)
+                self.directory = None
 
     def _path(self, key: str) -> Path:
         assert self.directory is not None
@@ -60,7 +64,8 @@ class FeatureCache:
             self._evict()
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            log.warning("could not write the image feature cache in %s: %s", self.directory, e)
+            log.warning("image feature cache off for this run: cannot write in %s (%s)", self.directory, e)
+            self.directory = None
 
     def _remember(self, key: str, features: np.ndarray) -> None:
         self._memory[key] = features

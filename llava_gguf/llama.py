@@ -146,6 +146,47 @@ class LlamaRuntime:
         llama_cpp.llama_memory_seq_rm(memory, 0, n_keep, -1)
         self.n_past = n_keep
 
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state_key(self) -> str:
+        """What a saved KV state depends on besides the tokens: the LLM file, the settings that change
+        the values (cache type, flash attention, batch size, GPU offload) and the llama.cpp library."""
+        stat = self.path.stat()
+        lib = Path(llama_cpp.llama_cpp._lib._name)
+        lib_stat = lib.stat()
+        o = self.options
+        return "|".join([
+            f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
+            f"kv={o.kv_cache_type.value}", f"fa={o.flash_attn}", f"batch={o.n_batch}", f"ngl={o.n_gpu_layers}",
+            f"llama.cpp {llama_cpp.__version__} {lib.resolve()}:{lib_stat.st_size}:{lib_stat.st_mtime_ns}",
+        ])
+
+    def save_state(self) -> bytes:
+        """The sequence's KV state (all ``n_past`` positions), as llama.cpp serializes it."""
+        assert self._ctx is not None
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buffer, size, 0)
+        return bytes(memoryview(buffer)[:written])
+
+    def restore_state(self, state: bytes | memoryview, n_positions: int) -> bool:
+        """Replace the sequence with a saved state of ``n_positions`` positions; False (and an empty
+        sequence) when llama.cpp refuses it or it does not hold exactly those positions. A writable
+        buffer is handed over without a copy."""
+        assert self._ctx is not None
+        self.truncate(0)
+        view = memoryview(state)
+        array_type = ctypes.c_uint8 * len(view)
+        buffer = array_type.from_buffer(view) if not view.readonly else array_type.from_buffer_copy(view)
+        read = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buffer, len(state), 0)
+        last = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(self._ctx.ctx), 0)
+        if read != len(state) or last != n_positions - 1:
+            self.truncate(0)
+            return False
+        self.n_past = n_positions
+        return True
+
     # ------------------------------------------------------------------ tokens
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:

@@ -27,7 +27,10 @@ from llava_gguf.image import ImageSource, image_digest, load_image
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
 from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens, pack_image_features
+from llava_gguf.paths import prompts_dir
 from llava_gguf.preprocess import preprocess
+from llava_gguf.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from llava_gguf.prompt_cache import PromptCache
 from llava_gguf.sampling import Sampler, SamplingOptions
 from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.templates import Message, Role, Template, render, user_text
@@ -43,8 +46,12 @@ TileCallback = Callable[[int, int], None]
 class RuntimeOptions:
     llama: LlamaOptions = LlamaOptions()
     encoder: EncoderChoice = EncoderChoice.AUTO
-    cache_dir: Path | None = None
+    cache_dir: Path | None = None  # image features on disk (None: in memory only)
     cache_max_bytes: int = 1 << 30
+    # KV states of prompt prefixes on disk (prompt_cache.py): a new run about the same image skips its prefill
+    prompt_cache: bool = True
+    prompt_cache_dir: Path | None = None  # default: <cache>/prompts
+    prompt_cache_max_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     template: Template | None = None  # None: the one the GGUF names (or, for other tools' files, guessed)
     llava_version: str | None = None  # None: the mmproj's (or, for other tools' files, inferred)
     probe_cache_dir: Path | None = None  # where the encoders' probe verdicts are kept (default ~/.cache/llava-gguf)
@@ -68,7 +75,8 @@ class Timings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     n_prompt_tokens: int = 0
-    n_prefilled: int = 0  # positions actually decoded for the prompt (the rest came from the cache)
+    n_prefilled: int = 0  # positions actually decoded for the prompt (the rest came from the caches)
+    n_restored: int = 0  # positions restored from the prompt cache on disk
     n_generated: int = 0
     n_image_tokens: list[int] = field(default_factory=list)
     n_images_encoded: int = 0
@@ -107,6 +115,10 @@ class LlavaModel:
             self.close()  # a pair that cannot run frees what it loaded at once
             raise
         self.cache = FeatureCache(options.cache_dir, options.cache_max_bytes)
+        self.prompt_cache = (
+            PromptCache(options.prompt_cache_dir or prompts_dir(), self.runtime.state_key, options.prompt_cache_max_bytes)
+            if options.prompt_cache else None
+        )
         stat = self.mmproj_path.stat()
         self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}"
         self._cached: list[Item] = []  # what the KV cache holds, in order
@@ -239,29 +251,40 @@ class LlavaModel:
         return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id)
 
     def prefill(self, items: list[Item], reserve: int = 0) -> None:
-        """Make the KV cache hold exactly ``items``, reusing the longest cached prefix.
+        """Make the KV cache hold exactly ``items``, reusing the longest cached prefix: the one in the
+        context, or a longer one saved on disk by an earlier run (the prompt cache).
 
         The context is checked (and sized) before any image is encoded or token decoded.
         """
         needed = sequence_length(items) + reserve
         before = self.runtime.n_ctx
         self.runtime.ensure_context(needed)
-        keys = {item.key for item in items if isinstance(item, ImageSlot)}
-        for key in keys - self._features.keys():
-            self.encode_image(self._pending[key])
-        # hold only the features this sequence uses
-        self._features = {k: v for k, v in self._features.items() if k in keys}
-        self._pending = {}
         if self.runtime.n_ctx != before or self.runtime.n_past == 0:
             self._cached = []
         keep = common_prefix(self._cached, items)
         if keep == len(items):  # logits of the last position are needed again
             keep -= 1
+        keep = self._restore_prefix(items, keep)
         self.runtime.truncate(sequence_length(items[:keep]))
         self._cached = items[:keep]
+        keys = {item.key for item in items if isinstance(item, ImageSlot)}
+        for item in items[keep:]:
+            if isinstance(item, ImageSlot) and item.key not in self._features:
+                self.encode_image(self._pending[item.key])
+        # hold only the features this sequence uses; images restored with their prefix stay pending
+        self._features = {k: v for k, v in self._features.items() if k in keys}
+        self._pending = {k: v for k, v in self._pending.items() if k in keys and k not in self._features}
+        # the prefix through the last image is what a follow-up question shares: save it once decoded
+        save_at = max((i + 1 for i, item in enumerate(items) if isinstance(item, ImageSlot)), default=0)
+        if self.prompt_cache is None or save_at <= keep or self.prompt_cache.has(items[:save_at]):
+            save_at = keep
         start = time.perf_counter()
         try:
-            self._decode_items(items[keep:])
+            self._decode_items(items[keep:save_at])
+            if save_at > keep:
+                assert self.prompt_cache is not None
+                self.prompt_cache.save(items[:save_at], self.runtime.n_past, self.runtime.save_state())
+            self._decode_items(items[max(keep, save_at):])
         except BaseException:
             self._cached = []  # an interrupted decode leaves the cache unknown: the next prefill starts over
             raise
@@ -269,6 +292,24 @@ class LlavaModel:
         self.timings.prefill_s += time.perf_counter() - start
         self.timings.n_prompt_tokens = sequence_length(items)
         self.timings.n_prefilled = sequence_length(items[keep:])
+
+    def _restore_prefix(self, items: list[Item], keep: int) -> int:
+        """How many leading items the KV cache holds after trying the prompt cache for a longer prefix."""
+        if self.prompt_cache is None:
+            return keep
+        hit = self.prompt_cache.find(items, longer_than=keep)
+        if hit is None:
+            return keep
+        prefix = items[: hit.n_items]
+        if hit.n_positions == sequence_length(prefix) and self.runtime.restore_state(hit.state, hit.n_positions):
+            self.timings.n_restored = hit.n_positions
+            return hit.n_items
+        log.warning("llama.cpp refused a prompt cache entry; removed, the prompt is decoded instead")
+        self.prompt_cache.discard_items(prefix)
+        if self.runtime.n_past != sequence_length(items[:keep]):
+            self._cached = []
+            return 0  # the context was emptied trying
+        return keep
 
     def _decode_items(self, items: list[Item]) -> None:
         """Decode runs of text tokens as one batch each, and each image's features as embeddings."""

@@ -27,5 +27,9 @@ def features_dir() -> Path:
     return cache_root() / "features"
 
 
+def prompts_dir() -> Path:
+    return cache_root() / "prompts"
+
+
 def history_file() -> Path:
     return cache_root() / "chat_history"

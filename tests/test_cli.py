@@ -129,7 +129,8 @@ def test_ask_json_matches_reference(converted, images, version: str, n_images: i
     assert out["n_image_tokens"] == counts == [c.model.count_image_tokens(p) for p in paths]
     assert out["prompt_tokens"].count(IMAGE_TOKEN_INDEX) == n_images
     assert out["n_prompt_tokens"] == len(out["prompt_tokens"]) - n_images + sum(counts)
-    assert set(out["timings"]) == {"vision_encode_s", "prefill_s", "decode_s"}
+    assert set(out["timings"]) == {"vision_encode_s", "prefill_s", "decode_s", "n_prefilled", "n_restored"}
+    assert out["timings"]["n_prefilled"] + out["timings"]["n_restored"] == out["n_prompt_tokens"]
     assert all(v >= 0 for v in out["timings"].values())
     # the same answer as the library's own API
     chat = c.model.chat()
