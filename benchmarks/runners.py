@@ -69,13 +69,17 @@ def run_convert(spec: Spec) -> dict[str, Any]:
 # ---------------------------------------------------------------- ours
 
 
-def _ours_model(llm: str, mmproj: str, spec: Spec, kv: str = "f16") -> Any:
+def _ours_model(llm: str, mmproj: str, spec: Spec, kv: str = "f16", prompt_cache_dir: str | None = None) -> Any:
+    """The runtime as the CLI runs it; the prompt cache only where a figure is about it (elsewhere a
+    restored prefix would stand in for the prefill being measured)."""
     from llava_gguf.llama import KVCacheType, LlamaOptions
     from llava_gguf.model import LlavaModel, RuntimeOptions
 
     llama = LlamaOptions(n_ctx=spec["n_ctx"], n_threads=spec["threads"], kv_cache_type=KVCacheType(kv),
                          flash_attn=spec["flash_attn"] or kv != "f16")  # a quantized V cache needs it
-    return LlavaModel(llm, mmproj, RuntimeOptions(llama=llama))
+    options = RuntimeOptions(llama=llama, prompt_cache=prompt_cache_dir is not None,
+                             prompt_cache_dir=Path(prompt_cache_dir) if prompt_cache_dir else None)
+    return LlavaModel(llm, mmproj, options)
 
 
 def _ours_answer(model: Any, question: str, images: list[bytes], max_tokens: int) -> dict[str, Any]:
@@ -91,7 +95,7 @@ def _ours_answer(model: Any, question: str, images: list[bytes], max_tokens: int
     t = model.timings
     return {"wall_s": wall, "vision_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
             "n_image_tokens": sum(t.n_image_tokens), "n_prompt_tokens": t.n_prompt_tokens,
-            "n_generated": t.n_generated}
+            "n_generated": t.n_generated, "n_restored": t.n_restored}
 
 
 def _ours_prefill(model: Any, n: int, embeddings: bool) -> float:
@@ -133,6 +137,20 @@ def run_ours(spec: Spec) -> dict[str, Any]:
                                    for r in range(runs)] for w, h in spec["sizes16"]}
     model.close()
     return out
+
+
+def run_ours_ask(spec: Spec) -> dict[str, Any]:
+    """One `ask` about the cache figure's image in this new process, with the prompt cache in
+    ``spec["prompt_cache_dir"]``: the first run saves the prefix, the next one restores it."""
+    directory = Path(spec["prompt_cache_dir"])
+    start = time.perf_counter()
+    model = _ours_model(spec["llm16"], spec["mmproj16"], spec, prompt_cache_dir=str(directory))
+    load_s = time.perf_counter() - start
+    size = tuple(spec["cache_size"])
+    out = _ours_answer(model, spec["question"], [png_bytes(size, _image_seed(size, 0))], 1)
+    model.close()
+    entries = list(directory.glob("*.kv"))
+    return {**out, "load_s": load_s, "entry_bytes": sum(p.stat().st_size for p in entries), "entries": len(entries)}
 
 
 def run_ours_chat(spec: Spec) -> dict[str, Any]:
@@ -321,6 +339,7 @@ WORKERS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "convert": run_convert,
     "ours": run_ours,
     "ours_chat": run_ours_chat,
+    "ours_ask": run_ours_ask,
     "stock": run_stock,
     "stock_chat": run_stock_chat,
     "transformers": run_transformers,

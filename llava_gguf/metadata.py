@@ -160,7 +160,7 @@ class VisionSettings:
         original code) or center-crops (transformers), 1.6 cuts anyres tiles (the file's pinpoints, else
         LLaVA 1.6's own scaled to the tile)."""
         if version not in LLAVA_VERSIONS:
-            raise ValueError(f"LLaVA version must be one of {', '.join(LLAVA_VERSIONS)}, got {version!r}")
+            raise ModelLoadError(f"unknown LLaVA version {version!r}; choose one of {', '.join(LLAVA_VERSIONS)}")
         if version == self.llava_version:
             return self
         note = "version as asked (--llava-version)"

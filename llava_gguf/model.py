@@ -120,7 +120,9 @@ class LlavaModel:
             if options.prompt_cache else None
         )
         stat = self.mmproj_path.stat()
-        self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}"
+        # features are keyed by encoder and backend: a GPU's agree with the CPU's only within rounding
+        backend = getattr(self.encoder, "backend_name", "")
+        self._model_key = f"{self.mmproj_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder_name}:{backend}"
         self._cached: list[Item] = []  # what the KV cache holds, in order
         self._features: dict[str, np.ndarray] = {}  # packed features of this session's images
         self._pending: dict[str, PreparedImage] = {}  # images in a sequence, not yet encoded

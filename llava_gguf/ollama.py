@@ -65,7 +65,7 @@ def manifest_path(store: Path, name: str) -> Path:
 def resolve_ollama(name: str, store: Path | None = None) -> OllamaModel:
     """The blobs of an ollama model (``name`` without the ``ollama:`` prefix), checked against its manifest."""
     store = store or store_dir()
-    manifest = manifest_path(store, name)
+    manifest = _existing(manifest_path(store, name))
     if not manifest.is_file():
         known = ", ".join(installed_models(store)) or "none"
         raise ModelLoadError(f"{PREFIX}{name}: no such model in ollama's store {store} (installed: {known}); "
@@ -78,8 +78,8 @@ def resolve_ollama(name: str, store: Path | None = None) -> OllamaModel:
     if MEDIA_MODEL not in by_type:
         raise ModelLoadError(f"{PREFIX}{name}: its manifest names no model layer")
     if MEDIA_PROJECTOR not in by_type:
-        raise ModelLoadError(f"{PREFIX}{name}: a model without an image projector layer, so not a vision model; "
-                             "llava-gguf runs ollama's llava models")
+        raise ModelLoadError(f"{PREFIX}{name}: no image projector layer, so not a LLaVA model with a separate "
+                             "projector; llava-gguf runs ollama's llava, bakllava and llava-llama3-style models")
     template = None
     if MEDIA_TEMPLATE in by_type:
         path = _blob(store, name, by_type[MEDIA_TEMPLATE])
@@ -103,11 +103,29 @@ def _blob(store: Path, name: str, layer: dict) -> Path:
     return path
 
 
+def _existing(path: Path) -> Path:
+    """``path``, or the file that differs from it only in letter case (ollama matches names that way)."""
+    if path.is_file():
+        return path
+    parent = path.parent
+    parts = []
+    while not parent.is_dir() and parent != parent.parent:
+        parts.append(parent.name)
+        parent = parent.parent
+    current = parent
+    for part in [*reversed(parts), path.name]:
+        match = next((c for c in current.iterdir() if c.name.lower() == part.lower()), None) if current.is_dir() else None
+        if match is None:
+            return path
+        current = match
+    return current
+
+
 def installed_models(store: Path) -> list[str]:
     """The store's models as ollama names them (``llava:7b``, ``me/llava:latest``)."""
     root = store / "manifests"
     names = []
-    for manifest in sorted(root.glob("*/*/*/*")) if root.is_dir() else []:
+    for manifest in sorted(p for p in root.glob("*/*/*/*") if p.is_file()) if root.is_dir() else []:
         host, namespace, model, tag = manifest.relative_to(root).parts
         prefix = "" if host == DEFAULT_HOST and namespace == DEFAULT_NAMESPACE else (
             f"{namespace}/" if host == DEFAULT_HOST else f"{host}/{namespace}/")

@@ -114,9 +114,10 @@ def resolve_model(request: ModelRequest, progress: ProgressCallback | None = Non
 def _gguf_file(path: Path) -> ModelFiles:
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: not a .gguf file; give a directory, a GGUF file or a Hub repo id")
-    if "mmproj" in path.name:
+    if "mmproj" in path.name.lower():
         raise ModelLoadError(f"{path} is an mmproj; give the LLM GGUF (or the directory, or --llm and --mmproj)")
-    mmprojs = sorted(p.name for p in path.parent.glob("*.gguf") if "mmproj" in p.name.lower())
+    ggufs = sorted(p.name for p in path.parent.glob("*.gguf") if p != path)
+    mmprojs = [n for n in ggufs if "mmproj" in n.lower()] or [n for n in ggufs if _is_clip(path.parent / n)]
     if not mmprojs:
         raise ModelLoadError(f"{path.parent}: no mmproj GGUF beside {path.name}; pass --llm and --mmproj")
     return ModelFiles(path, path.parent / pick_mmproj(path.name, mmprojs, str(path.parent)), str(path))
@@ -211,7 +212,7 @@ def pick_mmproj(llm: str, mmprojs: Sequence[str], where: str) -> str:
     if score(ranked[0]) == score(ranked[1]):
         tied = [n for n in ranked if score(n) == score(ranked[0])]
         raise ModelLoadError(f"{where}: several mmproj files could belong to {llm} ({', '.join(tied)}); "
-                             "download the pair and pass --llm and --mmproj")
+                             "pass --llm and --mmproj (for a Hub repo, download the two files first)")
     return ranked[0]
 
 

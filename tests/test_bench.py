@@ -17,6 +17,7 @@ FIGURES = [
     "image tokens 1.6 336x336", "image tokens 1.6 672x672", "image tokens 1.6 1000x700",
     "prefill pp512", "decode tg128", "decode / bandwidth bound", "end to end 1.5, 4 tokens",
     "peak RSS, benchmark runner", "peak RSS, 1.5 end to end", "peak RSS, 1.6 chat 672x672 q8_0 KV",
+    "TTFT 2nd ask 1.6 672x672, new process", "prompt cache entry", "prompt cache restore",
 ]
 
 
@@ -32,7 +33,7 @@ def test_quick_json_has_every_figure(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     raw = json.loads(proc.stdout)
     for key in ("date", "machine", "versions", "threads", "bandwidth_bytes_per_s", "convert", "ours", "stock",
-                "ours_chat", "stock_chat", "transformers", "rss", "rows"):
+                "ours_chat", "stock_chat", "transformers", "rss", "rows", "ask_first", "ask_second"):
         assert key in raw, key
     assert raw["machine"]["cores"] >= 1 and raw["machine"]["cpu"]
     assert {"python", "llama-cpp-python", "transformers", "torch", "numpy"} <= raw["versions"].keys()
@@ -55,6 +56,9 @@ def test_quick_json_has_every_figure(tmp_path: Path) -> None:
     # image tokens are whole numbers; LLaVA 1.5 uses one tile's patches in both runners
     img15 = rows["image tokens 1.5 640x480"]
     assert img15["ours"] == img15["peer"] == (56 // 14) ** 2
+    # the second ask in a new process restored the image's prefix the first one saved
+    assert raw["ask_first"]["n_restored"] == 0 and raw["ask_second"]["n_restored"] > 0
+    assert raw["ask_first"]["entries"] == raw["ask_second"]["entries"] == 1
 
     # the table went to stderr with the machine line and the ratios
     assert "ours/peer" in proc.stderr and "threads" in proc.stderr

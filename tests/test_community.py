@@ -255,6 +255,7 @@ def test_ollama_models_by_name(legacy, image_file: Path, tmp_path: Path) -> None
     direct = _cli_tokens("--llm", str(pair.llm), "--mmproj", str(pair.mmproj), "-i", str(image_file),
                          "--template", "mistral_instruct")
     assert out["tokens"] == direct["tokens"] and out["prompt"] == direct["prompt"]
+    assert _cli_tokens("-m", "ollama:LLaVA:7B", "-i", str(image_file), env=env)["tokens"] == out["tokens"]  # as ollama
     line = one_error_line(run("ask", "-m", "ollama:llava", "-i", str(image_file), QUESTION, env=env))
     assert "ollama:llava: no such model" in line and "installed: llava:7b" in line
 

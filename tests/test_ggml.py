@@ -4,7 +4,10 @@ its ctypes layer: another library directory, an ABI it does not know, missing sy
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,18 +121,34 @@ def test_tiles_per_run_and_progress(models) -> None:
 
 
 def test_another_library_directory(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """$LLAVA_GGUF_GGML_LIB (or RuntimeOptions.ggml_library): a ggml built apart, e.g. with CUDA."""
+    """$LLAVA_GGUF_GGML_LIB (or RuntimeOptions.ggml_library): a ggml built apart, e.g. with CUDA. It runs when
+    llama-cpp-python loads the same build (LLAMA_CPP_LIB_PATH); mixed with the wheel's own core it is refused."""
     lib_dir = tmp_path / "ggml-build"
     shutil.copytree(default_library_dir(), lib_dir, symlinks=True)
+    _, ggml, numpy = models(CASES[0])
+    script = f"""
+import numpy as np
+from llava_gguf.vision.ggml_lib import load_ggml, _defining_file
+from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder
+from llava_gguf.vision.numpy_encoder import NumpyVisionEncoder
+import llama_cpp  # loads libllama, and with it ggml, from LLAMA_CPP_LIB_PATH
+library = load_ggml()
+assert library.directory == __import__("pathlib").Path({str(lib_dir)!r}), library.directory
+assert _defining_file(library._cdll.ggml_init).parent.resolve() == library.directory.resolve()
+tiles = np.random.default_rng(5).standard_normal((1, 3, 56, 56), dtype=np.float32)
+got = GgmlVisionEncoder.from_gguf({str(ggml.mmproj_path)!r}, library=library).encode(tiles)
+print(float(np.abs(got - NumpyVisionEncoder.from_gguf({str(ggml.mmproj_path)!r}).encode(tiles)).max()))
+"""
+    env = {**os.environ, ggml_lib.LIB_ENV: str(lib_dir), "LLAMA_CPP_LIB_PATH": str(lib_dir), "MTMD_CPP_LIB": str(lib_dir)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-4
+
+    # in this process llama-cpp-python already runs its own ggml: the copy would mix with it
     monkeypatch.setenv(ggml_lib.LIB_ENV, str(lib_dir))
     monkeypatch.setattr(ggml_lib, "_cached", {})
-    library = load_ggml()
-    assert library.directory == lib_dir and library.path.parent == lib_dir
-    _, ggml, numpy = models(CASES[0])
-    encoder = GgmlVisionEncoder.from_gguf(ggml.mmproj_path, library=library)
-    tiles = np.random.default_rng(5).standard_normal((1, 3, 56, 56), dtype=np.float32)
-    assert np.abs(encoder.encode(tiles) - numpy.encoder.encode(tiles)).max() <= 1e-4
-    encoder.close()
+    with pytest.raises(GgmlUnavailable, match="set LLAMA_CPP_LIB_PATH and MTMD_CPP_LIB to .*ggml-build"):
+        load_ggml()
     monkeypatch.setenv(ggml_lib.LIB_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(GgmlUnavailable, match="no ggml library at .*nowhere.*LLAVA_GGUF_GGML_LIB"):
         load_ggml()

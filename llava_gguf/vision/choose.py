@@ -76,7 +76,7 @@ def choose_encoder(
     the weights (ggml holds one in its buffer)."""
     choice = str(getattr(choice, "value", choice))
     if choice not in {c.value for c in EncoderChoice}:
-        raise ValueError(f"encoder choice must be one of {', '.join(c.value for c in EncoderChoice)}, got {choice!r}")
+        raise ModelLoadError(f"unknown vision encoder {choice!r}; choose one of {', '.join(c.value for c in EncoderChoice)}")
 
     def numpy_encoder() -> NumpyVisionEncoder:
         return NumpyVisionEncoder.from_gguf(mmproj_path, cache_bytes=numpy_cache_bytes, settings=settings)
@@ -111,16 +111,14 @@ def choose_encoder(
         library, why_not_ggml = None, str(e)
     if use_gpu and library is not None:
         try:
-            encoder = ggml_encoder(True, library)
-        except GgmlUnavailable as e:
-            why_not_ggml = str(e)
-        else:
             verdict = probe_ggml(library, cache_dir, use_gpu=True, n_threads=n_threads)
             if verdict.exact:
+                encoder = ggml_encoder(True, library)
                 return chosen(encoder, "ggml", f"using the ggml vision encoder on {encoder.backend_name} "
                                                f"(exact: max relative difference {verdict.max_rel_diff:.1g})")
-            encoder.close()
             why_not_ggml = f"ggml on the GPU is off the reference by {verdict.max_rel_diff:.2g} (relative)"
+        except (GgmlUnavailable, ModelLoadError) as e:
+            why_not_ggml = str(e)
     mtmd = probe_mtmd(cache_dir)
     if mtmd.ok:
         try:
@@ -131,12 +129,16 @@ def choose_encoder(
     if library is not None and low_memory:
         why_not_ggml = "low memory: ggml on the CPU would hold a float32 copy of the vision weights"
     elif library is not None:
-        verdict = probe_ggml(library, cache_dir, use_gpu=False, n_threads=n_threads)
-        timing = f"ggml {verdict.ggml_s:.2f} s vs NumPy {verdict.numpy_s:.2f} s per probe tile"
-        if verdict.exact and verdict.ggml_s < verdict.numpy_s:
-            return chosen(ggml_encoder(False, library), "ggml", f"using the ggml vision encoder on the CPU ({timing})")
-        why_not_ggml = (f"NumPy is faster here ({timing})" if verdict.exact
-                        else f"ggml is off the reference by {verdict.max_rel_diff:.2g} (relative)")
+        try:
+            verdict = probe_ggml(library, cache_dir, use_gpu=False, n_threads=n_threads)
+            timing = f"ggml {verdict.ggml_s:.2f} s vs NumPy {verdict.numpy_s:.2f} s per probe tile"
+            if verdict.exact and verdict.ggml_s < verdict.numpy_s:
+                return chosen(ggml_encoder(False, library), "ggml",
+                              f"using the ggml vision encoder on the CPU ({timing})")
+            why_not_ggml = (f"NumPy is faster here ({timing})" if verdict.exact
+                            else f"ggml is off the reference by {verdict.max_rel_diff:.2g} (relative)")
+        except (GgmlUnavailable, ModelLoadError) as e:
+            why_not_ggml = str(e)
     return chosen(numpy_encoder(), "numpy", f"using the exact NumPy vision encoder: {why_not_ggml}")
 
 

@@ -28,9 +28,11 @@ from llava_gguf.metadata import SelectStrategy, VisionSettings
 from llava_gguf.vision.encoder import TileCallback, TowerShapes
 from llava_gguf.vision.ggml_lib import (
     DEVICE_TYPE_GPU,
+    DEVICE_TYPE_IGPU,
     GGML_PREC_F32,
     GGML_STATUS_SUCCESS,
     GGML_TYPE_F32,
+    LIB_ENV,
     GgmlLib,
     GgmlUnavailable,
     ggml_backend_buffer_t,
@@ -51,7 +53,7 @@ QUICK_GELU_SCALE = 1.702
 class GgmlVisionEncoder(TowerShapes):
     """CLIP tiles to LLaVA image features with ggml (CPU, or the GPU with ``use_gpu``), exactly as
     transformers computes them. ``tiles_per_run``: tiles per graph run (default: 1 on the CPU, where
-    one at a time is fastest, all of an image's on a GPU)."""
+    one at a time is fastest; 8 on a GPU, more than a LLaVA 1.6 image has)."""
 
     def __init__(
         self,
@@ -133,15 +135,20 @@ class GgmlVisionEncoder(TowerShapes):
     def _init_backend(self, use_gpu: bool, n_threads: int | None) -> ggml_backend_t:
         lib = self.lib
         if use_gpu:
-            lib.ggml_backend_load_all()  # backends built as loadable modules register here
-            backend = lib.ggml_backend_init_by_type(DEVICE_TYPE_GPU, None)
-            if not backend:
-                raise GgmlUnavailable(f"the ggml in {lib.directory} has no GPU backend (a CPU-only build)")
-            return backend
+            # backends built as loadable modules (GGML_BACKEND_DL) sit beside the library
+            lib.ggml_backend_load_all_from_path(os.fsencode(lib.directory))
+            for device_type in (DEVICE_TYPE_GPU, DEVICE_TYPE_IGPU):
+                backend = lib.ggml_backend_init_by_type(device_type, None)
+                if backend:
+                    return backend
+            raise GgmlUnavailable(
+                f"the ggml in {lib.directory} has no GPU backend (a CPU-only build); install llama-cpp-python "
+                f"with CMAKE_ARGS=-DGGML_CUDA=on (or Metal), or point {LIB_ENV} at a GPU build"
+            )
         backend = lib.ggml_backend_cpu_init()
         if not backend:
             raise GgmlUnavailable("ggml's CPU backend did not start")
-        lib.ggml_backend_cpu_set_n_threads(backend, n_threads or os.cpu_count() or 1)
+        lib.ggml_backend_cpu_set_n_threads(backend, n_threads or usable_cpus())
         return backend
 
     def _weight_specs(self) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
@@ -197,7 +204,8 @@ class GgmlVisionEncoder(TowerShapes):
         self._buffer = lib.ggml_backend_alloc_ctx_tensors(self._ctx_w, self._backend)
         if not self._buffer:
             self._buffer = None
-            raise GgmlUnavailable(f"{self.backend_name}: no memory for the vision weights")
+            raise GgmlUnavailable(f"{self.backend_name}: no memory for the vision weights; use --encoder numpy "
+                                  "(or fewer GPU layers)")
         for key, shape, produce in specs:
             array = produce()
             if array.shape != shape:
@@ -317,6 +325,13 @@ class Graph:
         y = self.layer_norm(x, names.ln2)
         y = self.activation(self.linear(y, names.fc1), cfg.hidden_act)  # [ffn, T, B]
         return lib.ggml_add(ctx, x, self.linear(y, names.fc2))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the platform tells), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def qkv_name(block: int) -> str:

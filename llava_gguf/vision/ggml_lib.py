@@ -30,6 +30,7 @@ GGML_PREC_F32 = 10
 # ggml-backend.h: enum ggml_backend_dev_type
 DEVICE_TYPE_CPU = 0
 DEVICE_TYPE_GPU = 1
+DEVICE_TYPE_IGPU = 2  # an integrated GPU (Jetson, Apple's unified memory...)
 # ggml.h: enum ggml_status
 GGML_STATUS_SUCCESS = 0
 # ggml_tensor_overhead() = sizeof(struct ggml_object) + sizeof(struct ggml_tensor) in the ggml versions
@@ -139,8 +140,8 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_cpu_set_n_threads": (None, [ggml_backend_t, _i]),
     # ggml_backend_t ggml_backend_init_by_type(enum ggml_backend_dev_type type, const char * params);
     "ggml_backend_init_by_type": (ggml_backend_t, [_i, ctypes.c_char_p]),
-    # void ggml_backend_load_all(void);
-    "ggml_backend_load_all": (None, []),
+    # void ggml_backend_load_all_from_path(const char * dir_path);
+    "ggml_backend_load_all_from_path": (None, [ctypes.c_char_p]),
     # const char * ggml_backend_name(ggml_backend_t backend);
     "ggml_backend_name": (ctypes.c_char_p, [ggml_backend_t]),
     # void ggml_backend_free(ggml_backend_t backend);
@@ -184,8 +185,7 @@ def default_library_dir() -> Path:
 class GgmlLib:
     """The ggml functions the encoder calls, declared and checked. ``GgmlUnavailable`` when they cannot be."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None,
-                 required: tuple[str, ...] | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         where = os.environ.get(LIB_ENV) if directory is None else os.fspath(directory)
         self.directory = Path(where).expanduser() if where else default_library_dir()
         path = _library_file(self.directory)
@@ -197,7 +197,7 @@ class GgmlLib:
         except OSError as e:
             raise GgmlUnavailable(f"{path} cannot be loaded ({e})") from e
         self.path = path
-        names = required if required is not None else tuple(SIGNATURES)
+        names = tuple(SIGNATURES)
         missing = [name for name in names if not hasattr(self._cdll, name)]
         if missing:
             raise GgmlUnavailable(f"{path} lacks {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''} "
@@ -222,6 +222,35 @@ class GgmlLib:
         for value, (name, size) in _TYPE_NAMES.items():
             if self.ggml_type_name(value) != name or self.ggml_type_size(value) != size:
                 raise GgmlUnavailable(f"{self.path}: ggml type {value} is not {name.decode()} here")
+        used = _defining_file(self._cdll.ggml_init)
+        if used is not None and used.resolve().parent != self.directory.resolve():
+            # ggml-base of another build was loaded first (llama-cpp-python's, by libllama): the two would mix
+            raise GgmlUnavailable(
+                f"ggml's core comes from {used.parent}, not {self.directory}: llama-cpp-python loaded its own "
+                f"first; set LLAMA_CPP_LIB_PATH and MTMD_CPP_LIB to {self.directory} too, so that one build runs"
+            )
+
+
+class _DlInfo(ctypes.Structure):
+    # typedef struct { const char *dli_fname; void *dli_fbase; const char *dli_sname; void *dli_saddr; } Dl_info;
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
+
+
+def _defining_file(function: Any) -> Path | None:
+    """The shared library a loaded function lives in (``dladdr``), where the platform says."""
+    if sys.platform == "win32":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        dladdr = libc.dladdr
+    except (OSError, AttributeError):
+        return None
+    dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int
+    info = _DlInfo()
+    if not dladdr(ctypes.cast(function, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return Path(os.fsdecode(info.dli_fname))
 
 
 _cached: dict[str, GgmlLib] = {}

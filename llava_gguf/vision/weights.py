@@ -246,6 +246,22 @@ class TowerLayout:
             )
         if h % cfg.num_attention_heads:
             raise GGUFFormatError(f"{self.source}: hidden size {h} is not a multiple of {cfg.num_attention_heads} heads")
+        ffn = self.shape(self.blocks[0].fc1 + ".weight")[0] if self.blocks else 0
+        expected: dict[str, tuple[int, ...]] = {self.pre_layernorm + ".weight": (h,)}
+        for b in self.blocks:
+            expected.update({b.ln1 + ".weight": (h,), b.ln2 + ".weight": (h,), b.fc1 + ".weight": (ffn, h),
+                             b.fc2 + ".weight": (h, ffn), b.fc1 + ".bias": (ffn,), b.fc2 + ".bias": (h,)})
+            for name in (b.q, b.k, b.v, b.out):
+                expected.update({name + ".weight": (h, h), name + ".bias": (h,)})
+        width = h  # the projector: linear_1 reads the tower's width, linear_2 linear_1's output
+        for name in self.projector:
+            out = self.shape(name + ".weight")[0]
+            expected[name + ".weight"] = (out, width)
+            width = out
+        for name, shape in expected.items():
+            if self.has(name) and self.shape(name) != shape:
+                raise GGUFFormatError(f"{self.source}: {name} has shape {self.shape(name)}, expected {shape}; "
+                                      "not a LLaVA mmproj this tower's sizes describe")
         for act in (cfg.hidden_act, cfg.projector_hidden_act):
             if act not in ACTIVATION_NAMES:
                 raise GGUFFormatError(f"{self.source}: unsupported activation {act!r}; known: {sorted(ACTIVATION_NAMES)}")
