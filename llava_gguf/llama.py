@@ -162,13 +162,16 @@ class LlamaRuntime:
             f"llama.cpp {llama_cpp.__version__} {lib.resolve()}:{lib_stat.st_size}:{lib_stat.st_mtime_ns}",
         ])
 
-    def save_state(self) -> bytes:
-        """The sequence's KV state (all ``n_past`` positions), as llama.cpp serializes it."""
+    def state_size(self) -> int:
+        """Bytes of the sequence's KV state (all ``n_past`` positions), as llama.cpp serializes it."""
         assert self._ctx is not None
-        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buffer, size, 0)
-        return bytes(memoryview(buffer)[:written])
+        return int(llama_cpp.llama_state_seq_get_size(self._ctx.ctx, 0))
+
+    def save_state(self, buffer: memoryview) -> int:
+        """Serialize the sequence's KV state into a writable ``buffer`` of ``state_size()`` bytes."""
+        assert self._ctx is not None
+        array = (ctypes.c_uint8 * len(buffer)).from_buffer(buffer)
+        return int(llama_cpp.llama_state_seq_get_data(self._ctx.ctx, array, len(buffer), 0))
 
     def restore_state(self, state: bytes | memoryview, n_positions: int) -> bool:
         """Replace the sequence with a saved state of ``n_positions`` positions; False (and an empty

@@ -285,7 +285,8 @@ class LlavaModel:
             self._decode_items(items[keep:save_at])
             if save_at > keep:
                 assert self.prompt_cache is not None
-                self.prompt_cache.save(items[:save_at], self.runtime.n_past, self.runtime.save_state())
+                self.prompt_cache.save(items[:save_at], self.runtime.n_past, self.runtime.state_size(),
+                                       self.runtime.save_state)
             self._decode_items(items[max(keep, save_at):])
         except BaseException:
             self._cached = []  # an interrupted decode leaves the cache unknown: the next prefill starts over

@@ -8,7 +8,9 @@ cache's: pixels, size, vision settings, mmproj), never a placeholder id. So two 
 the same token count never share an entry.
 
 A file is ``MAGIC``, a little-endian u32 header length, a JSON header (format, key, positions,
-items, state size and CRC-32) and the state. It is written to a temporary name and renamed; a
+items, state size), the state and its CRC-32 (u32). llama.cpp writes the state straight into the
+memory-mapped file and reads it back from one, so no copy of the KV cache is held in memory. It is
+written to a temporary name and renamed; a
 truncated, corrupt or foreign file is removed with one warning and never given to llama.cpp. The
 directory is bounded in size, least recently used entries out first. Nothing here prints; problems
 that cost only the cache are logged as warnings and caching stops for the session.
@@ -19,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +45,7 @@ class CachedPrefix:
 
     n_items: int
     n_positions: int
-    state: memoryview  # of a writable buffer: llama.cpp reads it in place
+    state: memoryview  # a writable (copy-on-write) mapping of the file: llama.cpp reads it in place
 
 
 def prefix_keys(context_key: str, items: Sequence[Item]) -> list[tuple[int, str]]:
@@ -100,20 +103,32 @@ class PromptCache:
         key = self.key_of(items)
         return key is not None and self._path(key).is_file()
 
-    def save(self, items: Sequence[Item], n_positions: int, state: bytes) -> None:
-        """Keep the state of ``items`` (a prefix ending with an image) for later runs."""
+    def save(self, items: Sequence[Item], n_positions: int, size: int, fill: Callable[[memoryview], int]) -> None:
+        """Keep the state of ``items`` (a prefix ending with an image) for later runs: ``fill(buffer)``
+        writes its ``size`` bytes into the mapped file and returns how many it wrote."""
         key = self.key_of(items)
         if key is None or not self.writable:
             return
         header = json.dumps({"format": FORMAT, "key": key, "n_positions": n_positions, "n_items": len(items),
-                             "state_bytes": len(state), "crc32": zlib.crc32(state)}).encode()
+                             "state_bytes": size}).encode()
+        start = len(MAGIC) + 4 + len(header)
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(header)) + header)
-                f.write(state)
+            with tmp.open("w+b") as f:
+                f.truncate(start + size + 4)
+                with mmap.mmap(f.fileno(), start + size + 4) as mapped:
+                    mapped[:start] = MAGIC + struct.pack("<I", len(header)) + header
+                    view = memoryview(mapped)
+                    try:
+                        written = fill(view[start : start + size])
+                        crc = zlib.crc32(view[start : start + size])
+                    finally:
+                        view.release()
+                    if written != size:
+                        raise OSError(f"llama.cpp wrote {written} of {size} state bytes")
+                    mapped[start + size :] = struct.pack("<I", crc)
             os.replace(tmp, path)
             self.saved += 1
             self._evict(keep=path)
@@ -126,23 +141,24 @@ class PromptCache:
             log.warning("prompt cache off for this run: cannot write in %s (%s)", self.directory, e)
 
     def _read(self, path: Path, key: str) -> tuple[int, memoryview] | None:
-        """(positions, state) of a valid entry; a bad one is removed with one warning."""
+        """(positions, state) of a valid entry, mapped copy-on-write; a bad one is removed with one warning."""
         try:
-            data = bytearray(path.stat().st_size)
             with path.open("rb") as f:
-                if f.readinto(data) != len(data):
-                    raise ValueError("shorter than its size")
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            data = memoryview(mapped)
             if data[: len(MAGIC)] != MAGIC:
                 raise ValueError("not a llava-gguf prompt cache file")
             (length,) = struct.unpack_from("<I", data, len(MAGIC))
             start = len(MAGIC) + 4
             header = json.loads(bytes(data[start : start + length]))
-            state = memoryview(data)[start + length :]
             if header.get("format") != FORMAT or header.get("key") != key:
                 raise ValueError("written for another prompt or format")
-            if len(state) != header.get("state_bytes"):
-                raise ValueError(f"truncated: {len(state)} of {header.get('state_bytes')} state bytes")
-            if zlib.crc32(state) != header.get("crc32"):
+            size = int(header["state_bytes"])
+            if len(data) != start + length + size + 4:
+                raise ValueError(f"truncated: {len(data)} bytes where {start + length + size + 4} belong")
+            state = data[start + length : start + length + size]
+            (crc,) = struct.unpack_from("<I", data, start + length + size)
+            if zlib.crc32(state) != crc:
                 raise ValueError("corrupt: checksum mismatch")
             n_positions = int(header["n_positions"])
         except OSError as e:
