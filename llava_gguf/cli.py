@@ -28,13 +28,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from llava_gguf.disk_cache import cache_usage, clear_cache
 from llava_gguf.errors import LlavaGGUFError
 from llava_gguf.image import load_image
 from llava_gguf.llama import KVCacheType, LlamaOptions
 from llava_gguf.memory import context_needed, estimate_memory
 from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
 from llava_gguf.paths import features_dir, history_file, models_dir, prompts_dir
-from llava_gguf.prompt_cache import cache_usage, clear_cache
 from llava_gguf.repl import ChatLoop, enable_history
 from llava_gguf.sampling import SamplingOptions
 from llava_gguf.sequence import display_ids

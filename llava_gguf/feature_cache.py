@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_gguf.disk_cache import evict_lru
+
 log = logging.getLogger(__name__)
 
 
@@ -75,16 +77,4 @@ class FeatureCache:
 
     def _evict(self) -> None:
         assert self.directory is not None
-        entries = []
-        for path in self.directory.glob("*.npy"):
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            entries.append((stat.st_mtime, stat.st_size, path))
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
+        evict_lru(self.directory, "*.npy", self.max_bytes)

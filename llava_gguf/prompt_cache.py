@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_gguf.disk_cache import evict_lru
 from llava_gguf.sequence import ImageSlot, Item
 
 log = logging.getLogger(__name__)
@@ -187,40 +188,4 @@ class PromptCache:
             self.discard(self._path(key))
 
     def _evict(self, keep: Path) -> None:
-        entries = []
-        for path in self.directory.glob(f"*{SUFFIX}"):
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            entries.append((stat.st_mtime_ns, stat.st_size, path))
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            if path != keep:
-                self.discard(path)
-                total -= size
-
-
-def cache_usage(directory: Path, pattern: str) -> tuple[int, int]:
-    """(files, bytes) of a cache directory's entries."""
-    files = size = 0
-    for path in directory.glob(pattern) if directory.is_dir() else []:
-        try:
-            size += path.stat().st_size
-            files += 1
-        except OSError:
-            continue
-    return files, size
-
-
-def clear_cache(directory: Path, pattern: str) -> tuple[int, int]:
-    """Remove a cache directory's entries (and leftover partial files); (files, bytes) removed."""
-    removed = cache_usage(directory, pattern)
-    for path in list(directory.glob(pattern)) + list(directory.glob(".*.partial")) if directory.is_dir() else []:
-        try:
-            path.unlink()
-        except OSError:
-            continue
-    return removed
+        evict_lru(self.directory, f"*{SUFFIX}", self.max_bytes, keep=keep)
