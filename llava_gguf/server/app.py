@@ -1,0 +1,171 @@
+"""The ASGI app (Starlette): routes, authentication, body limits, server-sent events. The logic is in
+``service.py``, the wire format in ``protocol.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llava_gguf.server import protocol
+from llava_gguf.server.protocol import RequestError
+from llava_gguf.server.service import ChatService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    api_key: str | None = None  # required as a Bearer token on every route but /health
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 64 << 20
+
+
+def error_response(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Starlette:
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if options.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
+            raise RequestError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
+
+    async def body_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > options.max_body_bytes:
+            raise RequestError(413, f"request body over the server's limit of {options.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > options.max_body_bytes:
+                raise RequestError(413, f"request body over the server's limit of {options.max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError as e:
+            raise RequestError(400, f"the body is not valid JSON ({e})") from e
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            authorize(request)
+            parsed = protocol.parse_request(await body_json(request))
+            job = await anyio.to_thread.run_sync(service.parse, parsed)  # decodes images: off the event loop
+            cid, name = protocol.completion_id(), service.options.name
+            if parsed.stream:
+                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                admission = service.admitted()
+                admission.__enter__()
+                released = threading.Event()
+
+                def release() -> None:  # once, however the stream ends (even if it never starts)
+                    if not released.is_set():
+                        released.set()
+                        admission.__exit__(None, None, None)
+
+                events = stream_events(job, cid, name, include_usage, release)
+                weakref.finalize(events, release)
+                return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release),
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            with service.admitted():
+                result = await anyio.to_thread.run_sync(service.run, job, lambda piece: None, threading.Event())
+            return JSONResponse(protocol.completion(cid, name, result.text, result.finish_reason, result.usage))
+        except RequestError as e:
+            return error_response(e)
+        except Exception as e:  # noqa: BLE001  one request's surprise must not stop the server
+            log.exception("request failed")
+            return error_response(RequestError(500, f"unexpected {type(e).__name__}: {e}", kind="server_error"))
+
+    async def stream_events(job: Any, cid: str, name: str, include_usage: bool,
+                            release: Callable[[], None]) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                put("done", service.run(job, lambda piece: put("piece", piece), stop))
+            except RequestError as e:
+                put("error", e)
+            except Exception as e:  # noqa: BLE001
+                log.exception("generation failed")
+                put("error", RequestError(500, f"unexpected {type(e).__name__}: {e}", kind="server_error"))
+
+        worker = threading.Thread(target=work, name=f"generate-{cid}", daemon=True)
+        worker.start()
+        try:
+            yield _event(protocol.chunk(cid, name, {"role": "assistant", "content": ""}))
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    yield _event(protocol.chunk(cid, name, {"content": value}))
+                elif kind == "error":
+                    yield _event(value.body())
+                    break
+                else:
+                    yield _event(protocol.chunk(cid, name, {}, value.finish_reason))
+                    if include_usage:
+                        yield _event(protocol.chunk(cid, name, None, usage_=value.usage))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            stop.set()  # a client that went away stops the generation at the next token
+            await anyio.to_thread.run_sync(worker.join)
+            release()
+
+    async def models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except RequestError as e:
+            return error_response(e)
+        return JSONResponse(protocol.models_list(service.options.name, created))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": service.options.name})
+
+    async def page(request: Request) -> Response:
+        html = resources.files("llava_gguf.server").joinpath("page.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", service.options.name))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(RequestError(404, f"no route {request.method} {request.url.path}"))
+
+    middleware = []
+    if options.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(options.cors_origins),
+                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
