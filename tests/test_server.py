@@ -227,6 +227,7 @@ def test_a_client_dropped_mid_stream_frees_the_model(tiny) -> None:
         while running.service._admitted and time.monotonic() < deadline:
             time.sleep(0.05)
         assert running.service._admitted == 0
+        assert running.service.model.timings.n_generated < 2000  # stopped, not finished
         start = time.monotonic()
         reply = client.chat.completions.create(model=NAME, messages=[user(QUESTION, image)], max_tokens=4)
         assert reply.choices[0].message.content is not None and time.monotonic() - start < 20
@@ -364,3 +365,27 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_key(tiny) -> None:
     _, llm, mmproj = tiny
     result = CliRunner().invoke(main, ["serve", "--llm", str(llm), "--mmproj", str(mmproj), "--host", "0.0.0.0"])
     assert result.exit_code == 2 and "--api-key" in result.output and "Traceback" not in result.output
+
+
+def test_a_client_gone_before_a_plain_answer_frees_the_model(tiny) -> None:
+    import socket
+
+    running = RunningServer(make_service(tiny))
+    try:
+        body = json.dumps({"model": NAME, "messages": [user(QUESTION, random_image(90, 50, seed=66))],
+                           "max_tokens": 3000, "temperature": 1.0, "seed": 3}).encode()
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 20
+            while running.service._admitted == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        gone = time.monotonic()
+        while running.service._admitted and time.monotonic() < gone + 20:
+            time.sleep(0.05)
+        assert running.service._admitted == 0
+        assert running.service.model.timings.n_generated < 3000  # stopped, not finished
+        assert _post(f"{running.url}/v1/chat/completions", _chat([{"role": "user", "content": "hi"}]))[0] == 200
+    finally:
+        running.stop()

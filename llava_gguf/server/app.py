@@ -89,13 +89,26 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
                 return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(release),
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             with service.admitted():
-                result = await anyio.to_thread.run_sync(service.run, job, lambda piece: None, threading.Event())
+                stop = threading.Event()
+                watcher = asyncio.create_task(watch_disconnect(request, stop))
+                try:
+                    result = await anyio.to_thread.run_sync(service.run, job, lambda piece: None, stop)
+                finally:
+                    watcher.cancel()
             return JSONResponse(protocol.completion(cid, name, result.text, result.finish_reason, result.usage))
         except RequestError as e:
             return error_response(e)
         except Exception as e:  # noqa: BLE001  one request's surprise must not stop the server
             log.exception("request failed")
             return error_response(RequestError(500, f"unexpected {type(e).__name__}: {e}", kind="server_error"))
+
+    async def watch_disconnect(request: Request, stop: threading.Event) -> None:
+        """Stop a non-streamed generation when its client goes away."""
+        while not stop.is_set():
+            if await request.is_disconnected():
+                stop.set()
+                return
+            await asyncio.sleep(0.1)
 
     async def stream_events(job: Any, cid: str, name: str, include_usage: bool,
                             release: Callable[[], None]) -> AsyncIterator[str]:

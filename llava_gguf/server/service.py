@@ -121,6 +121,8 @@ class ChatService:
         """Generate (in a worker thread); ``on_piece`` gets each text piece; ``stop`` ends it within a token."""
         with self._generating:
             model = self.model
+            if stop.is_set():  # its client left while it waited
+                return Result("", "stop", usage(0, 0, 0))
             try:
                 chat = model.chat(job.system)
                 for role, text, images in job.history:
