@@ -70,3 +70,23 @@ def seed_probe_cache(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for verdicts in _SESSION_CACHE.glob("*-probe.json"):
         shutil.copyfile(verdicts, root / verdicts.name)
+
+
+@pytest.fixture(scope="session")
+def f32_pair(tiny_checkpoint: Callable[..., TinyCheckpoint], tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``f32_pair(llava_version, layout, llm)`` -> (checkpoint, LLM GGUF, mmproj GGUF), converted
+    to F32 once per session (the exact comparisons' files)."""
+    from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+
+    cache: dict[tuple[str, str, str], tuple[TinyCheckpoint, Path, Path]] = {}
+
+    def make(llava_version: str = "1.5", layout: str = "llava-hf", llm: str = "llama") -> tuple[TinyCheckpoint, Path, Path]:
+        key = (llava_version, layout, llm)
+        if key not in cache:
+            ckpt = tiny_checkpoint(llava_version=llava_version, layout=layout, llm=llm)
+            out = tmp_path_factory.mktemp(f"gguf-f32-{llava_version}-{layout}-{llm}")
+            result = convert_checkpoint(ckpt.path, out, ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
+            cache[key] = ckpt, result.llm, result.mmproj
+        return cache[key]
+
+    return make

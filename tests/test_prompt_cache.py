@@ -8,19 +8,16 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from checkpoints import TinyCheckpoint
 from conftest import seed_probe_cache
 from PIL import Image
 from test_runtime import EXACT, GREEDY, random_image, reference_run
 
-from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
 from llava_gguf.model import LlavaModel, RuntimeOptions
 from llava_gguf.templates import Message, Role, user_text
 
@@ -28,12 +25,9 @@ QUESTION = "What is in the picture?"
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_checkpoint: Callable[..., TinyCheckpoint], tmp_path_factory: pytest.TempPathFactory):
+def pair(f32_pair):
     """A LLaVA 1.6 llava-hf checkpoint (images of several hundred positions) and its F32 GGUF pair."""
-    ckpt = tiny_checkpoint(llava_version="1.6", layout="llava-hf", llm="llama")
-    out = tmp_path_factory.mktemp("gguf-prompt-cache")
-    result = convert_checkpoint(ckpt.path, out, ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
-    return ckpt, result.llm, result.mmproj
+    return f32_pair("1.6", "llava-hf", "llama")
 
 
 def cached(directory: Path, **changes) -> RuntimeOptions:

@@ -10,18 +10,16 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
 import uvicorn
-from checkpoints import TinyCheckpoint
 from PIL import Image
 from test_runtime import EXACT, random_image, reference_run
 
-from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
 from llava_gguf.model import GenerationOptions, LlavaModel
 from llava_gguf.sampling import SamplingOptions
 from llava_gguf.server.app import AppOptions, create_app
@@ -60,11 +58,8 @@ class RunningServer:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_checkpoint: Callable[..., TinyCheckpoint], tmp_path_factory: pytest.TempPathFactory):
-    ckpt = tiny_checkpoint(llava_version="1.5", layout="llava-hf", llm="llama")
-    out = tmp_path_factory.mktemp("gguf-server")
-    result = convert_checkpoint(ckpt.path, out, ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
-    return ckpt, result.llm, result.mmproj
+def tiny(f32_pair):
+    return f32_pair("1.5", "llava-hf", "llama")
 
 
 def make_service(tiny, **options) -> ChatService:
