@@ -1,0 +1,168 @@
+"""Many images, one or more questions each: rows of JSON, resumable, one bad image never stops a run.
+
+    for row in run_batch(model, tasks, GenerationOptions(...)):
+        ...                     # a dict per (image, prompt): the answer or an ``error``
+
+``collect_tasks`` expands files, directories (recursively) and text files of paths into (image, prompt)
+tasks; each image is identified by the sha256 of its bytes, so a renamed file is not redone and a
+changed one is. ``JsonlOutput`` appends one complete line per row (flushed and fsynced), reads back what
+an earlier run finished, and drops a partial last line an interrupted run left. ``write_sidecar``
+writes ``<image>.txt`` atomically. The per-image work is one function (``answer_task``) that the
+local loop and the Ray actors both call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_gguf.errors import LlavaGGUFError
+from llava_gguf.model import GenerationOptions, LlavaModel
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+LIST_SUFFIXES = {".txt", ".lst"}
+
+
+@dataclass(frozen=True)
+class Task:
+    path: str
+    sha256: str | None  # None: the file could not be read
+    prompt: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.sha256 or f"unreadable:{self.path}", self.prompt)
+
+
+def file_sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def expand_images(sources: Iterable[str | Path]) -> list[Path]:
+    """Files as given, directories walked recursively (image suffixes only, sorted), text files of paths
+    (one per line, relative to the list) expanded in place; order kept, duplicates of a path dropped."""
+    out: list[Path] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    entry = Path(line.strip()).expanduser()
+                    out.append(entry if entry.is_absolute() else path.parent / entry)
+        else:
+            out.append(path)
+    seen: set[Path] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+
+
+def collect_tasks(sources: Iterable[str | Path], prompts: list[str]) -> list[Task]:
+    tasks = []
+    for path in expand_images(sources):
+        digest = file_sha256(path)
+        tasks += [Task(str(path), digest, prompt) for prompt in prompts]
+    return tasks
+
+
+def model_identity(model: LlavaModel) -> dict[str, str]:
+    return {"llm": model.llm_path.name, "mmproj": model.mmproj_path.name, "template": model.template.value,
+            "vision_encoder": model.encoder_name}
+
+
+def answer_task(model: LlavaModel, task: Task, options: GenerationOptions) -> dict[str, Any]:
+    """One row: the answer to ``task`` (a fresh conversation), or an ``error`` saying why there is none."""
+    row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+    if task.sha256 is None:
+        return {**row, "error": f"{task.path}: cannot read the file"}
+    start = time.perf_counter()
+    try:
+        chat = model.chat()
+        answer = "".join(chat.send(task.prompt, [task.path], options))
+    except LlavaGGUFError as e:
+        return {**row, "error": str(e)}
+    t = model.timings
+    return {**row, "answer": answer, "tokens": chat.last_tokens, "n_prompt_tokens": t.n_prompt_tokens,
+            "n_image_tokens": t.n_image_tokens, "n_generated": t.n_generated, "n_restored": t.n_restored,
+            "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+                        "total_s": time.perf_counter() - start},
+            "model": model_identity(model)}
+
+
+def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptions) -> Iterator[dict[str, Any]]:
+    """The rows of ``tasks``, in order, on one loaded model; a file whose content was answered earlier in
+    the run (the same image under another name) gets that answer, marked ``duplicate_of``."""
+    answered: dict[tuple[str, str], dict[str, Any]] = {}
+    for task in tasks:
+        earlier = answered.get(task.key)
+        if earlier is not None:
+            yield {**earlier, "path": task.path, "duplicate_of": earlier["path"]}
+            continue
+        row = answer_task(model, task, options)
+        answered[task.key] = row
+        yield row
+
+
+class JsonlOutput:
+    """Rows appended to a JSONL file, one complete line each, surviving interruption. ``done`` holds the
+    (content, prompt) keys it has rows for; error rows count only without ``retry_errors``."""
+
+    def __init__(self, path: Path, retry_errors: bool = False) -> None:
+        self.path = path
+        self.retry_errors = retry_errors
+        self.done: set[tuple[str, str]] = set()
+        self._read_existing()
+
+    def _read_existing(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # a line without its newline was cut short: drop it
+        if len(complete) != len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(len(complete))
+        for line in complete.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "error" not in row or not self.retry_errors:
+                self.done.add((row.get("sha256") or f"unreadable:{row.get('path')}", row.get("prompt", "")))
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        with self.path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add((row.get("sha256") or f"unreadable:{row['path']}", row["prompt"]))
+
+
+def sidecar_path(image: str | Path) -> Path:
+    return Path(image).with_suffix(".txt")
+
+
+def write_sidecar(row: dict[str, Any], overwrite: bool = False) -> bool:
+    """``<image>.txt`` with the answer, written atomically; False when it exists and ``overwrite`` is off."""
+    if "answer" not in row:
+        return False
+    path = sidecar_path(row["path"])
+    if path.exists() and not overwrite:
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(row["answer"].strip() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return True

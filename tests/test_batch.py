@@ -1,0 +1,165 @@
+"""`llava-gguf batch`: one row per (image, prompt), answers equal `ask`'s, bad images as error rows,
+resuming after a SIGKILL with every row exactly once, sidecars, and the same rows from Ray Data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import seed_probe_cache
+from test_runtime import EXACT, random_image
+
+from llava_gguf.batch import JsonlOutput, collect_tasks, run_batch
+from llava_gguf.cli import main
+from llava_gguf.model import GenerationOptions, LlavaModel
+from llava_gguf.sampling import SamplingOptions
+
+EXACT_ARGS = ["--kv-cache-type", "f32", "--flash-attn", "off", "-t", "1", "--temp", "0", "-n", "8",
+              "--encoder", "numpy"]
+PROMPTS = ["What is in the picture?", "What colour is it?"]
+
+
+@pytest.fixture(scope="module")
+def pair(f32_pair) -> tuple[Path, Path]:
+    _, llm, mmproj = f32_pair("1.5", "llava-hf", "llama")
+    return llm, mmproj
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    """Odd sizes, a corrupt PNG, a non-image, and a duplicate under another name in a subdirectory."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i, (w, h) in enumerate([(90, 50), (1, 1), (33, 200), (57, 57)]):
+        random_image(w, h, seed=70 + i).save(root / f"img{i}.png")
+    (root / "sub" / "copy-of-img0.png").write_bytes((root / "img0.png").read_bytes())
+    (root / "broken.png").write_bytes((root / "img2.png").read_bytes()[:60])
+    (root / "notes.jpg").write_text("not an image")
+    return root
+
+
+def batch(pair, *args: str, env: dict | None = None):
+    llm, mmproj = pair
+    return CliRunner().invoke(main, ["batch", *args, "--llm", str(llm), "--mmproj", str(mmproj), *EXACT_ARGS, "-q"],
+                              env=env)
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_folder_gives_every_row_once_errors_recorded_answers_as_ask(pair, folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    result = batch(pair, str(folder), "-p", PROMPTS[0], "-p", PROMPTS[1], "-o", str(out))
+    assert result.exit_code == 0, result.output
+    rows = rows_of(out)
+    images = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert sorted((r["path"], r["prompt"]) for r in rows) == sorted((str(p), q) for p in images for q in PROMPTS)
+    errors = {Path(r["path"]).name for r in rows if "error" in r}
+    assert errors == {"broken.png", "notes.jpg"}
+    assert all("\n" not in r["error"] for r in rows if "error" in r)
+    copies = [r for r in rows if r.get("duplicate_of")]
+    assert {Path(r["path"]).name for r in copies} == {"copy-of-img0.png"}
+    llm, mmproj = pair
+    for row in rows:
+        if "error" in row or row.get("duplicate_of"):
+            continue
+        ask = CliRunner().invoke(main, ["ask", "--llm", str(llm), "--mmproj", str(mmproj), "-i", row["path"],
+                                        *EXACT_ARGS, "--json", row["prompt"]])
+        assert ask.exit_code == 0, ask.output
+        assert json.loads(ask.stdout)["tokens"] == row["tokens"]
+        assert row["n_prompt_tokens"] > row["n_image_tokens"][0] and row["model"]["llm"] == llm.name
+    # a rerun holds nothing new: renamed files are known by their content
+    (folder / "img1.png").rename(folder / "renamed.png")
+    again = batch(pair, str(folder), "-p", PROMPTS[0], "-p", PROMPTS[1], "-o", str(out))
+    assert again.exit_code == 0 and rows_of(out) == rows
+
+
+def test_the_python_api_is_an_iterator_of_rows(pair, folder: Path) -> None:
+    llm, mmproj = pair
+    model = LlavaModel(llm, mmproj, EXACT)
+    tasks = collect_tasks([folder / "img0.png", folder / "sub"], [PROMPTS[0]])
+    rows = list(run_batch(model, tasks, GenerationOptions(8, sampling=SamplingOptions(temperature=0))))
+    assert [r["path"] for r in rows] == [str(folder / "img0.png"), str(folder / "sub" / "copy-of-img0.png")]
+    assert rows[1]["duplicate_of"] == rows[0]["path"] and rows[1]["tokens"] == rows[0]["tokens"]
+
+
+def test_a_killed_run_resumes_with_each_row_once(pair, folder: Path, tmp_path: Path) -> None:
+    llm, mmproj = pair
+    out = tmp_path / "killed.jsonl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["Describe it.", "What is in the picture?", "What colour is it?", "Is it big?"]))
+    cache = tmp_path / "cache"
+    seed_probe_cache(cache)
+    env = {**os.environ, "LLAVA_GGUF_CACHE": str(cache)}
+    command = [sys.executable, "-m", "llava_gguf.cli", "batch", str(folder), "--prompts", str(prompts), "-o", str(out),
+               "--llm", str(llm), "--mmproj", str(mmproj), *EXACT_ARGS, "-q"]
+    command[command.index("-n") + 1] = "200"  # slow enough to be killed midway
+    process = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or out.read_text().count("\n") < 4) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = out.read_bytes()
+    assert 4 <= partial.count(b"\n") < 7 * 4  # killed midway
+    assert process.returncode == -signal.SIGKILL
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = rows_of(out)
+    keys = [(r["path"], r["prompt"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 7 * 4  # every (image, prompt) once, no partial line
+    assert out.read_bytes().endswith(b"\n")
+
+
+def test_a_partial_last_line_is_dropped(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"path": "a.png", "sha256": "aa", "prompt": "q", "answer": "x"}) + "\n"
+                   + '{"path": "b.png", "sha256": "bb", "pro')
+    output = JsonlOutput(out)
+    assert output.done == {("aa", "q")} and out.read_text().count("\n") == 1 and out.read_text().endswith("\n")
+
+
+def test_sidecars(pair, folder: Path) -> None:
+    result = batch(pair, str(folder / "img0.png"), str(folder / "img2.png"), "-p", PROMPTS[0], "--sidecar")
+    assert result.exit_code == 0, result.output
+    caption = (folder / "img0.txt").read_text()
+    assert caption.strip() and (folder / "img2.txt").exists()
+    (folder / "img0.txt").write_text("mine\n")
+    batch(pair, str(folder / "img0.png"), "-p", PROMPTS[0], "--sidecar")
+    assert (folder / "img0.txt").read_text() == "mine\n"  # kept without --overwrite
+    batch(pair, str(folder / "img0.png"), "-p", PROMPTS[0], "--sidecar", "--overwrite")
+    assert (folder / "img0.txt").read_text() == caption
+    assert not list(folder.glob(".*.partial"))
+    usage = batch(pair, str(folder), "-p", "a", "-p", "b", "--sidecar")
+    assert usage.exit_code == 2 and "one prompt" in usage.output
+
+
+def test_ray_gives_the_local_rows(pair, folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install '.[ray]'")
+    llm, mmproj = pair
+    local, on_ray = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert batch(pair, str(folder), "-p", PROMPTS[0], "-o", str(local)).exit_code == 0
+    cache = tmp_path / "cache"
+    seed_probe_cache(cache)
+    env = {**os.environ, "LLAVA_GGUF_CACHE": str(cache), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    command = [sys.executable, "-m", "llava_gguf.cli", "batch", str(folder), "-p", PROMPTS[0], "-o", str(on_ray),
+               "--llm", str(llm), "--mmproj", str(mmproj), *EXACT_ARGS, "-q", "--ray", "--workers", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def comparable(path: Path) -> dict:
+        return {(r["path"], r["prompt"]): (r.get("tokens"), r.get("error"), r.get("duplicate_of"))
+                for r in rows_of(path)}
+
+    assert comparable(on_ray) == comparable(local)
+    # resumed the same way: nothing left to do
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and comparable(on_ray) == comparable(local) and len(rows_of(on_ray)) == len(rows_of(local))
