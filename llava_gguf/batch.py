@@ -102,18 +102,81 @@ def answer_task(model: LlavaModel, task: Task, options: GenerationOptions) -> di
             "model": model_identity(model)}
 
 
-def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptions) -> Iterator[dict[str, Any]]:
+def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptions,
+              parallel: int = 1) -> Iterator[dict[str, Any]]:
     """The rows of ``tasks``, in order, on one loaded model; a file whose content was answered earlier in
-    the run (the same image under another name) gets that answer, marked ``duplicate_of``."""
+    the run (the same image under another name) gets that answer, marked ``duplicate_of``. ``parallel``:
+    answers decoded together, that many at a time (``parallel.ParallelDecoder``)."""
+    tasks = list(tasks)
+    unique = list({task.key: task for task in reversed(tasks)}.values())[::-1]  # first of each key, in order
     answered: dict[tuple[str, str], dict[str, Any]] = {}
+    decoder = None
+    if parallel > 1:
+        from llava_gguf.parallel import ParallelDecoder
+
+        decoder = ParallelDecoder(model, parallel)
+    try:
+        emitted = 0
+        for start in range(0, len(unique), parallel):
+            group = unique[start : start + parallel]
+            rows = (answer_tasks_together(model, group, options, decoder) if decoder is not None
+                    else [answer_task(model, group[0], options)])
+            answered.update({task.key: row for task, row in zip(group, rows)})
+            while emitted < len(tasks) and tasks[emitted].key in answered:
+                row = answered[tasks[emitted].key]
+                yield row if row["path"] == tasks[emitted].path else {
+                    **row, "path": tasks[emitted].path, "duplicate_of": row["path"]}
+                emitted += 1
+    finally:
+        if decoder is not None:
+            decoder.close()
+
+
+def answer_tasks_together(model: LlavaModel, tasks: list[Task], options: GenerationOptions,
+                          decoder: Any) -> list[dict[str, Any]]:
+    """Rows of several tasks whose answers are decoded together; tasks that fail before decoding (an
+    unreadable image, a prompt too long) are error rows, in their place."""
+    from llava_gguf.sequence import sequence_length
+    from llava_gguf.templates import Message, Role, user_text
+
+    rows: list[dict[str, Any] | None] = []
+    prompts, where, vision = [], [], []
     for task in tasks:
-        earlier = answered.get(task.key)
-        if earlier is not None:
-            yield {**earlier, "path": task.path, "duplicate_of": earlier["path"]}
+        row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+        if task.sha256 is None:
+            rows.append({**row, "error": f"{task.path}: cannot read the file"})
             continue
-        row = answer_task(model, task, options)
-        answered[task.key] = row
-        yield row
+        try:
+            start = time.perf_counter()
+            prepared = model.prepare_image(task.path)
+            items = model.sequence(model.render([Message(Role.USER, user_text(task.prompt, 1))]), [prepared])
+            features = {prepared.slot.key: model.encode_image(prepared)}
+            vision.append(time.perf_counter() - start)
+        except LlavaGGUFError as e:
+            rows.append({**row, "error": str(e)})
+            continue
+        where.append(len(rows))
+        rows.append(None)
+        prompts.append((items, features, prepared.slot.n_tokens))
+    if prompts:
+        try:
+            answers = decoder.answer([(items, features) for items, features, _ in prompts], options)
+        except LlavaGGUFError as e:
+            answers = [e] * len(prompts)
+        for index, (items, _, n_image), seconds, answer in zip(where, prompts, vision, answers):
+            task = tasks[index]
+            row = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+            if isinstance(answer, Exception):
+                rows[index] = {**row, "error": str(answer)}
+                continue
+            rows[index] = {**row, "answer": answer.text, "tokens": answer.tokens,
+                           "n_prompt_tokens": sequence_length(items), "n_image_tokens": [n_image],
+                           "n_generated": len(answer.tokens), "n_restored": 0,
+                           "timings": {"vision_encode_s": seconds, "prefill_s": answer.prefill_s,
+                                       "decode_s": answer.decode_s,
+                                       "total_s": seconds + answer.prefill_s + answer.decode_s},
+                           "model": model_identity(model)}
+    return [row for row in rows if row is not None]
 
 
 class JsonlOutput:

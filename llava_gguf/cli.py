@@ -695,11 +695,13 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
               help="Run on Ray Data: a local Ray, or the cluster at ADDRESS (pip install 'llava-gguf[ray]').")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: actors, each with one loaded model and -t threads.")
+@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Answers decoded together (one llama.cpp batch step for all; prefill stays one at a time).")
 @run_options
 @click.pass_obj
 def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...], prompts_file: Path | None,
           out_path: Path | None, sidecar: bool, overwrite: bool, retry_errors: bool, ray_address: str | None,
-          workers: int, settings: RunSettings) -> None:
+          workers: int, parallel: int, settings: RunSettings) -> None:
     """Ask every prompt of every image (files, directories walked recursively, or .txt lists of paths),
     writing one JSON line per (image, prompt): the answer, token counts and timings, or an `error`.
 
@@ -759,7 +761,7 @@ def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...
             from llava_gguf.batch import run_batch
 
             model = _load_model(settings, quiet=quiet, n_ctx_hint=lambda files: None)
-            rows = run_batch(model, list(unique.values()), options)
+            rows = run_batch(model, list(unique.values()), options, parallel=parallel)
         errors = 0
         start = time.perf_counter()
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

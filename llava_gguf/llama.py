@@ -112,6 +112,17 @@ class LlamaRuntime:
         if self._ctx is not None:
             log.info("growing the context from %d to %d tokens; the cache restarts", self.n_ctx, size)
             self._ctx.close()
+        params = self.context_params(size)
+        try:
+            self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            hint = f"; try --kv-cache-type f16 (a {self.options.kv_cache_type.value} cache needs head sizes that are multiples of 32)" if self.options.kv_cache_type.quantized else ""
+            raise ModelLoadError(f"llama.cpp could not create a {size}-token context ({e}){hint}") from e
+        self.n_past = 0
+
+    def context_params(self, size: int, n_seq: int = 1) -> llama_cpp.llama_context_params:
+        """llama.cpp context parameters for ``size`` positions (shared by ``n_seq`` sequences) with this
+        runtime's threads, batch, KV cache type and flash attention."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = size
         params.n_batch = self.options.n_batch
@@ -131,12 +142,9 @@ class LlamaRuntime:
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
-        try:
-            self._ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            hint = f"; try --kv-cache-type f16 (a {self.options.kv_cache_type.value} cache needs head sizes that are multiples of 32)" if self.options.kv_cache_type.quantized else ""
-            raise ModelLoadError(f"llama.cpp could not create a {size}-token context ({e}){hint}") from e
-        self.n_past = 0
+        params.n_seq_max = n_seq
+        params.kv_unified = n_seq > 1  # one pool of positions the sequences share
+        return params
 
     def truncate(self, n_keep: int) -> None:
         """Forget every position from ``n_keep`` on."""

@@ -163,3 +163,26 @@ def test_ray_gives_the_local_rows(pair, folder: Path, tmp_path: Path) -> None:
     # resumed the same way: nothing left to do
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and comparable(on_ray) == comparable(local) and len(rows_of(on_ray)) == len(rows_of(local))
+
+
+def test_parallel_answers_equal_one_at_a_time(pair, folder: Path, tmp_path: Path) -> None:
+    one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
+    args = [str(folder), "-p", PROMPTS[0], "-p", PROMPTS[1]]
+    assert batch(pair, *args, "-o", str(one)).exit_code == 0
+    result = batch(pair, *args, "-o", str(four), "--parallel", "4")
+    assert result.exit_code == 0, result.output
+
+    def answers(path: Path) -> dict:
+        return {(r["path"], r["prompt"]): (r.get("answer"), r.get("tokens"), r.get("n_prompt_tokens"), "error" in r)
+                for r in rows_of(path)}
+
+    assert answers(four) == answers(one)
+    # a stop string cuts the answers the same way
+    stop_one, stop_four = tmp_path / "s1.jsonl", tmp_path / "s4.jsonl"
+    llm, mmproj = pair
+    model = LlavaModel(llm, mmproj, EXACT)
+    tasks = collect_tasks([folder], [PROMPTS[0]])
+    options = GenerationOptions(16, stop=(" ", "e"), sampling=SamplingOptions(temperature=0))
+    sequential = [(r.get("answer"), r.get("tokens")) for r in run_batch(model, tasks, options)]
+    together = [(r.get("answer"), r.get("tokens")) for r in run_batch(model, tasks, options, parallel=3)]
+    assert together == sequential and stop_one != stop_four
