@@ -61,30 +61,35 @@ def main() -> None:
         (images / f"{i:03d}.png").write_bytes(png_bytes((side, side), 9000 + i))
     base = [sys.executable, "-m", "llava_gguf.cli", "batch", str(images), "-p", "Describe the picture.", "-m",
             str(models), "--temp", "0", "-n", str(args.tokens), "-q", "--encoder", "numpy"]
+    half = max(1, args.threads // 2)
+    # (name, options, threads per model): answers are compared with the sequential run of the same threads
     runs: list[tuple[str, list[str], int]] = [
         ("sequential", ["-t", str(args.threads)], args.threads),
         ("--parallel 4", ["-t", str(args.threads), "--parallel", "4"], args.threads),
     ]
     if not args.skip_ray:
         runs += [("Ray, 1 actor", ["-t", str(args.threads), "--ray", "--workers", "1"], args.threads),
-                 ("Ray, 2 actors", ["-t", str(max(1, args.threads // 2)), "--ray", "--workers", "2"], args.threads)]
+                 (f"sequential, {half} thread(s)", ["-t", str(half)], half),
+                 ("Ray, 2 actors", ["-t", str(half), "--ray", "--workers", "2"], half)]
     report: dict[str, Any] = {"shape": shape.name, "images": args.images, "tokens": args.tokens,
                               "cpus": os.cpu_count(), "runs": []}
     answers: dict[str, list] = {}
+    reference_of: dict[int, str] = {}
     print(f"{args.images} new {side}x{side} images, {args.tokens} tokens each, {args.shape} shape, "
           f"{os.cpu_count()} CPUs; each run a new process (model load included)")
-    for name, extra, _ in runs:
+    for name, extra, threads in runs:
         out = scratch / f"{name.replace(' ', '_').replace(',', '')}.jsonl"
         env = {**os.environ, "LLAVA_GGUF_CACHE": str(scratch / f"cache-{out.stem}")}  # no cache shared between runs
         seconds = run([*base, *extra, "-o", str(out)], env)
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         answers[name] = sorted((r["path"], r.get("tokens")) for r in rows)
+        reference_of.setdefault(threads, name)
         per_min = 60 * args.images / seconds
         report["runs"].append({"run": name, "seconds": seconds, "images_per_min": per_min})
         print(f"  {name:14} {seconds:7.1f} s  {per_min:6.2f} images/min", flush=True)
-    reference = answers["sequential"]
-    report["same_answers"] = {name: a == reference for name, a in answers.items()}
-    print("answers equal the sequential run's: " + ", ".join(f"{k} {v}" for k, v in report["same_answers"].items()))
+    report["same_answers"] = {name: answers[name] == answers[reference_of[threads]] for name, _, threads in runs}
+    print("answers equal the sequential run's with the same threads: "
+          + ", ".join(f"{k} {v}" for k, v in report["same_answers"].items()))
     print(json.dumps(report, indent=1))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from llava_gguf.llama import KVCacheType, LlamaOptions
 from llava_gguf.memory import context_needed, estimate_memory
 from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
 from llava_gguf.paths import features_dir, history_file, models_dir, prompts_dir
+from llava_gguf.repack import RepackPolicy, choose_repack
 from llava_gguf.repl import ChatLoop, enable_history
 from llava_gguf.sampling import SamplingOptions
 from llava_gguf.sequence import display_ids
@@ -280,6 +282,7 @@ class RunSettings:
     system: str | None
     no_cache: bool
     low_memory: bool
+    repack: str
     quiet: bool
 
     def model_request(self) -> ModelRequest:
@@ -292,6 +295,8 @@ class RunSettings:
             n_ctx=self.ctx_size, n_threads=self.threads, n_gpu_layers=self.n_gpu_layers,
             kv_cache_type=KVCacheType(kv), flash_attn={"auto": None, "on": True, "off": False}[self.flash_attn],
             use_mmap=True,
+            # low memory: the smallest resident set, so never a repacked copy
+            repack=RepackPolicy.OFF if self.low_memory else RepackPolicy(self.repack),
         )
         return RuntimeOptions(
             llama=llama, encoder=EncoderChoice(self.encoder),
@@ -348,7 +353,10 @@ _RUN_OPTIONS = [
     click.option("--system", help="System prompt [default: the template's]."),
     click.option("--no-cache", is_flag=True,
                  help="Keep nothing on disk across runs: neither image features nor prompt KV states."),
-    click.option("--low-memory", is_flag=True, help="q8_0 KV cache, the smallest context that fits, mmap."),
+    click.option("--low-memory", is_flag=True, help="q8_0 KV cache, the smallest context that fits, mmap, no "
+                                                    "weight repacking."),
+    click.option("--repack", type=click.Choice([p.value for p in RepackPolicy]), default="auto", show_default=True,
+                 help="llama.cpp's CPU weight repacking: auto measures once which is faster on this CPU."),
     click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr but errors."),
 ]
 
@@ -390,6 +398,11 @@ def _report_memory(files: ModelFiles, settings: RunSettings, n_ctx: int | None) 
         line += f"; {_human(m.available)} available"
     if settings.n_gpu_layers:
         line += " (offloaded layers live on the GPU)"
+    llama = settings.runtime_options().llama
+    if llama.repack is RepackPolicy.AUTO and not settings.n_gpu_layers:
+        line += "; " + choose_repack(llama.n_threads or os.cpu_count() or 2).reason  # measured once per machine
+    elif not settings.n_gpu_layers:
+        line += f"; weight repacking {llama.repack.value}" + (" (--low-memory)" if settings.low_memory else "")
     if m.fits is False:
         err_console.print(f"[yellow]warning:[/] {line}; try --low-memory, a smaller --quant or -c",
                           highlight=False, soft_wrap=True)

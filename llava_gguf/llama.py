@@ -15,6 +15,7 @@ import numpy as np
 from llama_cpp import _internals
 
 from llava_gguf.errors import ContextOverflowError, ModelLoadError
+from llava_gguf.repack import RepackPolicy, choose_repack
 from llava_gguf.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,10 @@ class LlamaOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides (on where supported)
     use_mmap: bool = True
     use_mlock: bool = False
-    # llama.cpp's CPU weight repacking: on this project's test machine (AMD EPYC, AVX-512) it made
-    # prefill slower and, with mmap, kept both the mapped file and the repacked copy resident
-    # (7.3 vs 4.3 GB for a 7B Q4_K_M); some CPUs (ARM i8mm, AVX2 with Q4_0) gain from it.
-    repack_weights: bool = False
+    # llama.cpp's CPU weight repacking: faster prefill on some CPUs, slower on others (repack.py measures
+    # which, once per machine); a repacked model loads without mmap, so its weights are resident once
+    repack: RepackPolicy = RepackPolicy.AUTO
+    repack_cache_dir: Path | None = None  # where the verdict is kept (default: the cache root)
 
 
 class LlamaRuntime:
@@ -65,13 +66,23 @@ class LlamaRuntime:
         self.options = options
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = options.n_gpu_layers
+        threads = options.n_threads or os.cpu_count() or 2
+        if options.repack is RepackPolicy.AUTO and options.n_gpu_layers == 0:
+            verdict = choose_repack(threads, options.repack_cache_dir)
+            self.repack, self.repack_reason = verdict.repack, verdict.reason
+        else:
+            self.repack = options.repack is RepackPolicy.ON
+            self.repack_reason = f"weight repacking {'on' if self.repack else 'off'}" + (
+                " (as asked)" if options.repack is not RepackPolicy.AUTO else " (GPU offload)")
+        # repacked weights live in their own buffer: without mmap the file is not resident beside them
+        self.mapped = options.use_mmap and not self.repack
         params.load_mode = {
             (True, False): llama_cpp.LLAMA_LOAD_MODE_MMAP,
             (True, True): llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK,
             (False, True): llama_cpp.LLAMA_LOAD_MODE_MLOCK,
             (False, False): llama_cpp.LLAMA_LOAD_MODE_NONE,
-        }[(options.use_mmap, options.use_mlock)]
-        params.use_extra_bufts = options.repack_weights
+        }[(self.mapped, options.use_mlock)]
+        params.use_extra_bufts = self.repack
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError) as e:
@@ -167,6 +178,7 @@ class LlamaRuntime:
         return "|".join([
             f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}",
             f"kv={o.kv_cache_type.value}", f"fa={o.flash_attn}", f"batch={o.n_batch}", f"ngl={o.n_gpu_layers}",
+            f"repack={self.repack}",
             f"llama.cpp {llama_cpp.__version__} {lib.resolve()}:{lib_stat.st_size}:{lib_stat.st_mtime_ns}",
         ])
 

@@ -60,6 +60,7 @@ def seed_probe_cache(root: Path) -> None:
     """Give a fresh cache root the encoders' probe verdicts, computed once per session (each ggml
     probe runs a CLIP-L-wide block through two encoders, about a second), for the thread counts the
     tests use."""
+    from llava_gguf.repack import choose_repack
     from llava_gguf.vision.choose import probe_ggml
     from llava_gguf.vision.ggml_lib import load_ggml
     from llava_gguf.vision.mtmd_encoder import probe_mtmd
@@ -67,6 +68,7 @@ def seed_probe_cache(root: Path) -> None:
     probe_mtmd(_SESSION_CACHE)
     for threads in (None, 1, 2):
         probe_ggml(load_ggml(), _SESSION_CACHE, n_threads=threads)
+        choose_repack(threads or os.cpu_count() or 2, _SESSION_CACHE)
     root.mkdir(parents=True, exist_ok=True)
     for verdicts in _SESSION_CACHE.glob("*-probe.json"):
         shutil.copyfile(verdicts, root / verdicts.name)

@@ -1,0 +1,190 @@
+"""Whether llama.cpp's CPU weight repacking makes prefill faster on this machine.
+
+Repacking rearranges quantized weights for the CPU's SIMD layout (AVX2/AVX-512, ARM dotprod/i8mm):
+faster on some CPUs, slower on others. ``auto`` measures once per CPU model, llama.cpp build and
+thread count: a small synthetic Q4_K_M model prefills 256 tokens with and without repacking (the
+better of two runs each), and repacking is chosen when it is at least 5% faster. The verdict is
+cached with the encoders' probes; a corrupt cache entry is measured again. When repacking, the
+model is loaded without mmap, so its weights are resident once, not as the mapped file plus the
+repacked copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals
+from llama_cpp import _logger as llama_logger
+
+from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_cache
+
+log = logging.getLogger(__name__)
+
+PROBE_FILE = "repack-probe.json"
+_PROBE_VERSION = 1
+GAIN = 0.95  # repack when its prefill takes at most this fraction of the plain one's
+_N_EMBD, _N_FF, _N_LAYER, _N_HEAD, _N_VOCAB, _N_TOKENS = 1024, 2816, 2, 8, 512, 256
+
+
+class RepackPolicy(str, enum.Enum):
+    AUTO = "auto"  # measured once per machine (this module)
+    ON = "on"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class RepackVerdict:
+    repack: bool
+    repack_tok_s: float
+    plain_tok_s: float
+
+    @property
+    def reason(self) -> str:
+        choice = "on" if self.repack else "off"
+        return (f"weight repacking {choice} (measured here: {self.repack_tok_s:.0f} vs {self.plain_tok_s:.0f} "
+                "tok/s prefill with and without)")
+
+
+_runs = 0
+
+
+def probe_run_count() -> int:
+    return _runs
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe_key(n_threads: int) -> str:
+    lib = Path(llama_cpp.llama_cpp._lib._name)
+    stat = lib.stat()
+    raw = f"v{_PROBE_VERSION}|{cpu_model()}|{os.cpu_count()}|t{n_threads}|{lib.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = None) -> RepackVerdict:
+    """The cached verdict for this machine, or a new measurement (about a second)."""
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / PROBE_FILE
+    key = probe_key(n_threads)
+    cached = read_cache(path)
+    entry = cached.get(key)
+    if entry is not None:
+        try:
+            return RepackVerdict(bool(entry["repack"]), float(entry["repack_tok_s"]),  # type: ignore[arg-type]
+                                 float(entry["plain_tok_s"]))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            log.debug("measuring again: the cached repack verdict in %s is malformed", path)
+    verdict = measure(n_threads)
+    cached[key] = asdict(verdict)
+    write_cache(path, cached)
+    return verdict
+
+
+def write_probe_model(path: Path) -> None:
+    """A small llama-architecture GGUF in Q4_K_M (random weights), for timing only."""
+    from llava_gguf.convert.quantize import Quant, quantize_gguf
+
+    f32 = path.with_suffix(".f32.gguf")
+    writer = gguf.GGUFWriter(f32, "llama")
+    writer.add_context_length(1024)
+    writer.add_embedding_length(_N_EMBD)
+    writer.add_block_count(_N_LAYER)
+    writer.add_feed_forward_length(_N_FF)
+    writer.add_head_count(_N_HEAD)
+    writer.add_head_count_kv(_N_HEAD)
+    writer.add_rope_dimension_count(_N_EMBD // _N_HEAD)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(_N_VOCAB)
+    writer.add_tokenizer_model("none")
+    writer.add_file_type(0)
+    rng = np.random.default_rng(0)
+    t, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    shapes = {names[t.TOKEN_EMBD] + ".weight": (_N_VOCAB, _N_EMBD), names[t.OUTPUT_NORM] + ".weight": (_N_EMBD,),
+              names[t.OUTPUT] + ".weight": (_N_VOCAB, _N_EMBD)}
+    for i in range(_N_LAYER):
+        shapes.update({
+            names[t.ATTN_NORM].format(bid=i) + ".weight": (_N_EMBD,), names[t.FFN_NORM].format(bid=i) + ".weight": (_N_EMBD,),
+            **{names[k].format(bid=i) + ".weight": (_N_EMBD, _N_EMBD) for k in (t.ATTN_Q, t.ATTN_K, t.ATTN_V, t.ATTN_OUT)},
+            names[t.FFN_GATE].format(bid=i) + ".weight": (_N_FF, _N_EMBD),
+            names[t.FFN_UP].format(bid=i) + ".weight": (_N_FF, _N_EMBD),
+            names[t.FFN_DOWN].format(bid=i) + ".weight": (_N_EMBD, _N_FF),
+        })
+    for name, shape in shapes.items():
+        data = np.ones(shape, np.float32) if len(shape) == 1 else rng.standard_normal(shape, dtype=np.float32) * 0.02
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    quantize_gguf(f32, path, Quant.Q4_K_M, threads=1)
+    f32.unlink()
+
+
+def prefill_tok_s(path: Path, n_threads: int, repack: bool) -> float:
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = repack
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if repack else llama_cpp.LLAMA_LOAD_MODE_MMAP
+    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    try:
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = _N_TOKENS
+        ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
+        ctx = _internals.LlamaContext(model=model, params=ctx_params, verbose=False)
+        try:
+            batch = llama_cpp.llama_batch_init(_N_TOKENS, 0, 1)
+            tokens = np.random.default_rng(1).integers(1, _N_VOCAB, _N_TOKENS)
+            best = float("inf")
+            for _ in range(3):  # the first is a warm-up
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+                for i, token in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(token), i, 1
+                    batch.seq_id[i][0], batch.logits[i] = 0, i == _N_TOKENS - 1
+                batch.n_tokens = _N_TOKENS
+                start = time.perf_counter()
+                llama_cpp.llama_decode(ctx.ctx, batch)
+                best = min(best, time.perf_counter() - start)
+            llama_cpp.llama_batch_free(batch)
+        finally:
+            ctx.close()
+    finally:
+        model.close()
+    return _N_TOKENS / best
+
+
+@llama_cpp.llama_log_callback
+def _silent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    pass
+
+
+def measure(n_threads: int) -> RepackVerdict:
+    global _runs
+    _runs += 1
+    llama_cpp.llama_log_set(_silent, ctypes.c_void_p(0))  # the quantizer and loader narrate every tensor
+    try:
+        with tempfile.TemporaryDirectory(prefix="llava-gguf-repack-") as scratch:
+            path = Path(scratch) / "probe.Q4_K_M.gguf"
+            write_probe_model(path)
+            plain = prefill_tok_s(path, n_threads, repack=False)
+            repacked = prefill_tok_s(path, n_threads, repack=True)
+    finally:
+        llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
+    return RepackVerdict(repacked * GAIN >= plain, repacked, plain)
