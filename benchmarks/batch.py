@@ -25,9 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synth  # noqa: E402
-from runners import png_bytes  # noqa: E402
-
-from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint  # noqa: E402
+from runners import converted_llava15, png_bytes  # noqa: E402
 
 
 def run(command: list[str], env: dict[str, str]) -> float:
@@ -48,11 +46,7 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
     shape = synth.SHAPES[args.shape]
-    work = args.workdir.expanduser() / shape.name
-    ckpts = synth.build_checkpoints(work / "checkpoints", shape)
-    models = work / "gguf-server"
-    if not any(models.glob("*.gguf")):
-        convert_checkpoint(ckpts.llava15, models, ConvertOptions(quant=Quant.Q4_K_M, mmproj_type=MmprojType.F16))
+    models = converted_llava15(shape, args.workdir)
     scratch = Path(tempfile.mkdtemp(prefix="llava-gguf-batch-bench-"))
     images = scratch / "images"
     images.mkdir()

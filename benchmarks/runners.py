@@ -348,3 +348,18 @@ WORKERS: dict[str, Callable[[Spec], dict[str, Any]]] = {
 
 def median(values: Iterator[float] | list[float]) -> float:
     return float(statistics.median(list(values)))
+
+
+def converted_llava15(shape: Any, workdir: Path) -> Path:
+    """The synthetic LLaVA 1.5 checkpoint of ``shape`` as Q4_K_M + f16 mmproj, built and converted once
+    under ``workdir`` (the server and batch benchmarks' model)."""
+    import synth
+
+    from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+
+    work = workdir.expanduser() / shape.name
+    ckpts = synth.build_checkpoints(work / "checkpoints", shape)
+    out = work / "gguf-server"
+    if not any(out.glob("*.gguf")):
+        convert_checkpoint(ckpts.llava15, out, ConvertOptions(quant=Quant.Q4_K_M, mmproj_type=MmprojType.F16))
+    return out

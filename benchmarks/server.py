@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import openai  # noqa: E402
 import synth  # noqa: E402
 import uvicorn  # noqa: E402
-from runners import png_bytes  # noqa: E402
+from runners import converted_llava15, png_bytes  # noqa: E402
 
-from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint  # noqa: E402
 from llava_gguf.llama import LlamaOptions  # noqa: E402
 from llava_gguf.model import LlavaModel, RuntimeOptions  # noqa: E402
 from llava_gguf.server.app import create_app  # noqa: E402
@@ -104,11 +103,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     shape = synth.SHAPES[args.shape]
-    work = args.workdir.expanduser() / shape.name
-    ckpts = synth.build_checkpoints(work / "checkpoints", shape)
-    out = work / "gguf-server"
-    if not any(out.glob("*.gguf")):
-        convert_checkpoint(ckpts.llava15, out, ConvertOptions(quant=Quant.Q4_K_M, mmproj_type=MmprojType.F16))
+    out = converted_llava15(shape, args.workdir)
     llm = next(p for p in out.glob("*.gguf") if "mmproj" not in p.name)
     mmproj = next(out.glob("*mmproj*.gguf"))
     options = RuntimeOptions(llama=LlamaOptions(n_threads=args.threads, n_ctx=4096), prompt_cache=False)
