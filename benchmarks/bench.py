@@ -107,6 +107,25 @@ class Child:
     result: dict[str, Any]
     max_rss_bytes: int
     wall_s: float
+    other_cpu_s: float = 0.0  # CPU time other processes used while the child ran
+
+    @property
+    def disturbed(self) -> bool:
+        """Other processes took more than a tenth of a core on average: the figures are not the machine's."""
+        return self.other_cpu_s > DISTURBED_FRACTION * self.wall_s
+
+
+DISTURBED_FRACTION = 0.1
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``), or None where it cannot say."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
@@ -117,11 +136,17 @@ def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         with open(logs / f"{worker}.log", "w") as log:
+            busy_before, self_before = busy_cpu_s(), time.process_time()
             start = time.perf_counter()
             proc = subprocess.Popen([sys.executable, __file__, "--worker", worker, "--spec", str(spec_path),
                                      "--out", str(out_path)], stdout=log, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
+            busy_after, self_after = busy_cpu_s(), time.process_time()
+        other = 0.0
+        if busy_before is not None and busy_after is not None:
+            # everything busy minus the child's own CPU time and this process's
+            other = max(0.0, busy_after - busy_before - usage.ru_utime - usage.ru_stime - (self_after - self_before))
         code = os.waitstatus_to_exitcode(status)
         if code != 0 or not out_path.exists():
             tail = (logs / f"{worker}.log").read_text(errors="replace")[-3000:]
@@ -129,7 +154,19 @@ def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
         result = json.loads(out_path.read_text())
         # ru_maxrss would include the parent's RSS at fork time (Linux copies the high-water mark);
         # the worker's own VmHWM counts only after exec.
-        return Child(result, result.pop("vm_hwm_bytes", None) or usage.ru_maxrss * 1024, wall)
+        return Child(result, result.pop("vm_hwm_bytes", None) or usage.ru_maxrss * 1024, wall, other)
+
+
+def merge_results(a: Any, b: Any) -> Any:
+    """Two repetitions' results as one: lists concatenated, dicts merged key by key, else the first."""
+    if a is None:
+        return b
+    if isinstance(a, list) and isinstance(b, list):
+        return a + b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: merge_results(a.get(k), b.get(k)) if k in a and k in b else a.get(k, b.get(k))
+                for k in {**a, **b}}
+    return a
 
 
 def vm_hwm_bytes() -> int | None:
@@ -319,6 +356,10 @@ def print_table(raw: dict[str, Any], rows: list[dict[str, Any]], file: Any) -> N
     Console(file=file, width=200).print(table)
     for note in raw["notes"]:
         print(f"- {note}", file=file)
+    for worker, entry in raw.get("load", {}).items():
+        state = f"DISTURBED in {entry['disturbed_runs']} run(s)" if entry["disturbed_runs"] else "idle machine"
+        print(f"- load while {worker} ran: other processes used {entry['other_cpu_s']:.1f} CPU-s over "
+              f"{entry['wall_s']:.0f} s ({state})", file=file)
 
 
 # ---------------------------------------------------------------- main
@@ -398,12 +439,23 @@ def main(argv: list[str] | None = None) -> int:
         rows = prompt_cache_rows(raw)
         print_table(raw, rows, sys.stdout)
         return 0
-    for worker in ("ours", "stock", "ours_chat", "stock_chat"):
-        print(f"[bench] running {worker}", file=log, flush=True)
-        child = run_child(worker, spec, workdir)
-        raw[worker] = child.result
-        rss[worker] = child.max_rss_bytes
-        print(f"[bench] {worker} done in {child.wall_s:.1f}s", file=log, flush=True)
+    load: dict[str, dict[str, Any]] = {}
+    raw["load"] = load
+    # the compared runners alternate, one repetition each in turn, so both see the same conditions
+    for pair in (("ours", "stock"), ("ours_chat", "stock_chat")):
+        for repetition in range(runs):
+            for worker in pair:
+                print(f"[bench] running {worker} ({repetition + 1}/{runs})", file=log, flush=True)
+                child = run_child(worker, {**spec, "runs": 1}, workdir)
+                raw[worker] = merge_results(raw.get(worker), child.result)
+                rss[worker] = max(rss.get(worker, 0), child.max_rss_bytes)
+                entry = load.setdefault(worker, {"wall_s": 0.0, "other_cpu_s": 0.0, "disturbed_runs": 0})
+                entry["wall_s"] += child.wall_s
+                entry["other_cpu_s"] += child.other_cpu_s
+                entry["disturbed_runs"] += child.disturbed
+                mark = "  DISTURBED" if child.disturbed else ""
+                print(f"[bench] {worker} done in {child.wall_s:.1f}s; other processes used "
+                      f"{child.other_cpu_s:.1f} CPU-s{mark}", file=log, flush=True)
     f32_bytes = 2 * ckpts.size_bytes  # the checkpoint is f16
     if args.skip_transformers:
         raw["transformers_skipped"] = "skipped (--skip-transformers)"
@@ -425,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         "TTFT = call to first sampled token (max_tokens=1), image decode + vision + prefill included",
         "stock image tokens come from libmtmd's image chunks; ours from the packed (unpadded) features",
         "decode bound: bytes read per token = LLM weights (no token_embd) + f16 KV at the mean position",
+        f"ours: {raw['ours'].get('repack', 'weight repacking: not reported')}; stock: llama.cpp's defaults "
+        "(repacking on, mmap)",
+        "ours and the stock runner alternate, one repetition each in turn; a run is DISTURBED when other "
+        f"processes used more than {DISTURBED_FRACTION:g} of a core on average while it ran",
     ]
     rows = summarize(raw)
     raw["rows"] = rows

@@ -117,6 +117,7 @@ def run_ours(spec: Spec) -> dict[str, Any]:
     runs, question = spec["runs"], spec["question"]
     out: dict[str, Any] = {}
     model = _ours_model(spec["llm15"], spec["mmproj15"], spec)
+    out["repack"] = model.runtime.repack_reason
     # warm-up: one small chat (loads pages, allocates compute buffers)
     _ours_answer(model, question, [png_bytes((64, 64), 1)], 2)
     tile = np.random.default_rng(0).standard_normal((1, 3, spec["image_size"], spec["image_size"]), dtype=np.float32)

@@ -56,6 +56,10 @@ def test_quick_json_has_every_figure(tmp_path: Path) -> None:
     # image tokens are whole numbers; LLaVA 1.5 uses one tile's patches in both runners
     img15 = rows["image tokens 1.5 640x480"]
     assert img15["ours"] == img15["peer"] == (56 // 14) ** 2
+    # each compared runner's machine load was sampled (alternating repetitions)
+    assert set(raw["load"]) == {"ours", "stock", "ours_chat", "stock_chat"}
+    assert all(entry["other_cpu_s"] >= 0 and entry["wall_s"] > 0 for entry in raw["load"].values())
+    assert "weight repacking" in raw["ours"]["repack"] and "load while ours ran" in proc.stderr
     # the second ask in a new process restored the image's prefix the first one saved
     assert raw["ask_first"]["n_restored"] == 0 and raw["ask_second"]["n_restored"] > 0
     assert raw["ask_first"]["entries"] == raw["ask_second"]["entries"] == 1
