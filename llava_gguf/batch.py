@@ -102,13 +102,31 @@ def answer_task(model: LlavaModel, task: Task, options: GenerationOptions) -> di
             "model": model_identity(model)}
 
 
+def unique_tasks(tasks: list[Task]) -> list[Task]:
+    """The first task of each (content, prompt), in order."""
+    return list({task.key: task for task in reversed(tasks)}.values())[::-1]
+
+
+def with_duplicates(tasks: list[Task], rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``rows`` of ``unique_tasks(tasks)`` (in any order), each followed by copies for the other tasks with
+    the same content and prompt (the same image under another name), marked ``duplicate_of``."""
+    copies: dict[tuple[str, str], list[Task]] = {}
+    for task in tasks:
+        copies.setdefault(task.key, []).append(task)
+    for row in rows:
+        yield row
+        key = (row.get("sha256") or f"unreadable:{row['path']}", row["prompt"])
+        for task in copies.get(key, [])[1:]:
+            yield {**row, "path": task.path, "duplicate_of": row["path"]}
+
+
 def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptions,
               parallel: int = 1) -> Iterator[dict[str, Any]]:
     """The rows of ``tasks``, in order, on one loaded model; a file whose content was answered earlier in
     the run (the same image under another name) gets that answer, marked ``duplicate_of``. ``parallel``:
     answers decoded together, that many at a time (``parallel.ParallelDecoder``)."""
     tasks = list(tasks)
-    unique = list({task.key: task for task in reversed(tasks)}.values())[::-1]  # first of each key, in order
+    unique = unique_tasks(tasks)
     answered: dict[tuple[str, str], dict[str, Any]] = {}
     decoder = None
     if parallel > 1:

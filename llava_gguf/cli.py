@@ -728,7 +728,7 @@ def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...
       llava-gguf batch photos/ -p "Write a caption." --sidecar -m models/
       llava-gguf batch list.txt -p "Describe it." -o out.jsonl --ray --workers 2
     """
-    from llava_gguf.batch import JsonlOutput, Task, collect_tasks, sidecar_path, write_sidecar
+    from llava_gguf.batch import JsonlOutput, collect_tasks, sidecar_path, unique_tasks, with_duplicates, write_sidecar
 
     prompts = list(prompt_texts)
     if prompts_file is not None:
@@ -754,27 +754,21 @@ def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...
                               f"prompt(s)); {skipped} already done; {len(todo)} to run", highlight=False)
         if not todo:
             return
-        # the same content under another name is answered once, its answer copied to the other paths
-        unique: dict[tuple[str, str], Task] = {}
-        copies: dict[tuple[str, str], list[Task]] = {}
-        for task in todo:
-            if task.key in unique:
-                copies.setdefault(task.key, []).append(task)
-            else:
-                unique[task.key] = task
         options = settings.generation_options()
         if ray_address is not None:
             from llava_gguf.batch_ray import run_batch_ray
 
             files = resolve_model(settings.model_request())
-            rows = run_batch_ray(list(unique.values()), files, settings.runtime_options(), options, workers=workers,
-                                 address=None if ray_address == "local" else ray_address)
+            # the same content under another name is answered once, its answer copied to the other paths
+            rows = with_duplicates(todo, run_batch_ray(unique_tasks(todo), files, settings.runtime_options(), options,
+                                                       workers=workers,
+                                                       address=None if ray_address == "local" else ray_address))
             model = None
         else:
             from llava_gguf.batch import run_batch
 
             model = _load_model(settings, quiet=quiet, n_ctx_hint=lambda files: None)
-            rows = run_batch(model, list(unique.values()), options, parallel=parallel)
+            rows = run_batch(model, todo, options, parallel=parallel)
         errors = 0
         start = time.perf_counter()
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -783,17 +777,12 @@ def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...
         try:
             with progress:
                 bar = progress.add_task("answering", total=len(todo), errors=0, rate="")
-                done = 0
-                for first in rows:
-                    key = (first.get("sha256") or f"unreadable:{first['path']}", first["prompt"])
-                    for row in [first, *({**first, "path": t.path, "duplicate_of": first["path"]}
-                                         for t in copies.get(key, []))]:
-                        if output is not None:
-                            output.write(row)
-                        if sidecar:
-                            write_sidecar(row, overwrite)
-                        errors += "error" in row
-                        done += 1
+                for done, row in enumerate(rows, 1):
+                    if output is not None:
+                        output.write(row)
+                    if sidecar:
+                        write_sidecar(row, overwrite)
+                    errors += "error" in row
                     elapsed = time.perf_counter() - start
                     progress.update(bar, completed=done, errors=errors, rate=f"{60 * done / elapsed:.1f}/min")
         finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -337,12 +336,3 @@ def usable_cpus() -> int:
 def qkv_name(block: int) -> str:
     """The fused q/k/v projection of a block, in the encoder's own weights (not a GGUF name)."""
     return f"blk.{block}.qkv"
-
-
-def time_tiles(encoder: GgmlVisionEncoder, n: int = 1) -> float:
-    """Seconds per tile on random input (for the speed probe and the benchmark)."""
-    s = encoder.config.image_size
-    tiles = np.random.default_rng(0).standard_normal((n, 3, s, s)).astype(_F32)
-    start = time.perf_counter()
-    encoder.encode(tiles)
-    return (time.perf_counter() - start) / n
