@@ -43,6 +43,7 @@ from llava_gguf.sampling import SamplingOptions
 from llava_gguf.sequence import display_ids
 from llava_gguf.sources import MODEL_ENV, ModelFiles, ModelRequest, resolve_model
 from llava_gguf.templates import Template
+from llava_gguf.vision import DEFAULT_CACHE_BYTES
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -391,7 +392,8 @@ def _human(n: float) -> str:
 
 def _report_memory(files: ModelFiles, settings: RunSettings, n_ctx: int | None) -> None:
     kv = KVCacheType(settings.runtime_options().llama.kv_cache_type)
-    m = estimate_memory(files.llm, files.mmproj, n_ctx=n_ctx, kv_cache_type=kv)
+    m = estimate_memory(files.llm, files.mmproj, n_ctx=n_ctx, kv_cache_type=kv,
+                        vision_cache_bytes=0 if settings.low_memory else DEFAULT_CACHE_BYTES)
     line = (f"memory estimate {_human(m.total)}: weights {_human(m.weights)}, KV cache {_human(m.kv_cache)} "
             f"({'up to ' if n_ctx is None else ''}{m.n_ctx} positions, {kv.value}), vision encoder {_human(m.vision)}")
     if m.available is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import gguf
 from llava_gguf.llama import KVCacheType
 from llava_gguf.metadata import GGUFFields, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens
+from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES
 
 _KV_BYTES = {KVCacheType.F32: 4.0, KVCacheType.F16: 2.0, KVCacheType.Q8_0: 34 / 32, KVCacheType.Q4_0: 18 / 32}
 
@@ -58,8 +61,9 @@ def context_needed(mmproj: Path, image_sizes_hw: Sequence[tuple[int, int]], max_
 
 
 def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_cache_type: KVCacheType,
-                    n_tiles: int = 5) -> MemoryEstimate:
-    """What loading and running the pair needs. ``n_ctx=None``: the model's trained context."""
+                    n_tiles: int = 5, vision_cache_bytes: int = DEFAULT_CACHE_BYTES) -> MemoryEstimate:
+    """What loading and running the pair needs. ``n_ctx=None``: the model's trained context;
+    ``vision_cache_bytes``: the NumPy encoder's cache of converted weights (0 with low memory)."""
     llm = GGUFFields(read_gguf(llm_path))
     arch = llm.get(gguf.Keys.General.ARCHITECTURE)
     key = lambda k: k.format(arch=arch)  # noqa: E731
@@ -74,9 +78,14 @@ def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_
 
     reader = read_gguf(mmproj_path)
     clip = GGUFFields(reader)
-    elements = sum(int(t.n_elements) for t in reader.tensors)
-    stored = sum(int(t.n_bytes) for t in reader.tensors)
-    upcast = max(0, elements * 4 - stored)  # the numpy encoder computes in float32
+    # The NumPy encoder computes in float32: float16 / quantized tensors are converted, a layer's
+    # at a time, and kept up to its cache's size (their file pages leave resident memory).
+    layers: dict[str, int] = defaultdict(int)
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            block = re.search(r"\bblk\.\d+\.", t.name)
+            layers[block.group(0) if block else t.name.split(".")[0]] += 4 * int(t.n_elements)
+    upcast = min(vision_cache_bytes, sum(layers.values())) + max(layers.values(), default=0)
     side = int(clip.get(gguf.Keys.ClipVision.IMAGE_SIZE) or 336) // int(clip.get(gguf.Keys.ClipVision.PATCH_SIZE) or 14)
     tokens = side * side + 1
     hidden = int(clip.get(gguf.Keys.ClipVision.EMBEDDING_LENGTH) or 1024)

@@ -8,6 +8,7 @@ with `model.model.get_image_features(...).pooler_output` (one [tokens, llm_hidde
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from llava_gguf.convert.names import Layout, block_index, canonical_name, gguf_name, is_vision
 from llava_gguf.errors import GGUFFormatError, ImageError
+from llava_gguf.llama import KVCacheType
+from llava_gguf.memory import estimate_memory
 from llava_gguf.metadata import ClipKeys, ImageMode, SelectStrategy, VisionSettings
 from llava_gguf.vision import GGUFTensors, NumpyVisionEncoder, gelu, load_mmproj_tensors, quick_gelu
 from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder
@@ -255,6 +258,48 @@ def test_on_tile_reports_progress(tmp_path: Path) -> None:
         np.zeros((3, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32), on_tile=lambda done, total: calls.append((done, total))
     )
     assert calls == [(1, 3), (2, 3), (3, 3)]
+    # 2 tiles through 2 blocks and the projector (3 steps): reported as whole tiles' worth of work
+    calls.clear()
+    NumpyVisionEncoder.from_gguf(path).encode(
+        np.zeros((2, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32), on_tile=lambda done, total: calls.append((done, total))
+    )
+    assert calls == [(1, 2), (2, 2)]
+
+
+def _mapped_rss(path: Path) -> int:
+    """Bytes of this process's mappings of ``path`` that are resident (Linux's /proc/self/smaps)."""
+    rss, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path.resolve())
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1]) * 1024
+    return rss
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_converted_weights_leave_resident_memory(tmp_path: Path) -> None:
+    """An f16 tensor's whole pages are dropped from resident memory once converted to float32, so
+    the file is not resident beside its copy; the features are unchanged."""
+    case = Case(-2, SelectStrategy.DEFAULT, weights="f16")
+    model = tiny_llava(case)
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(path, store(gguf_tensors(model, 2), "f16"), 2, case)
+    reader = gguf.GGUFReader(path)
+    page = mmap.PAGESIZE
+    whole_pages = sum(max(0, (int(t.data_offset) + int(t.n_bytes)) // page - -(-int(t.data_offset) // page))
+                      for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.F16)
+    assert whole_pages * page > path.stat().st_size / 2  # most of the file can leave
+
+    tiles = np.random.default_rng(2).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    encoder = NumpyVisionEncoder.from_gguf(path, cache_bytes=0)
+    expected = NumpyVisionEncoder(dict(encoder._tensors.items()), encoder.config).encode(tiles)  # every page read
+    resident = _mapped_rss(path)
+    assert resident >= path.stat().st_size // page * page
+    np.testing.assert_array_equal(encoder.encode(tiles), expected)
+    assert _mapped_rss(path) <= resident - whole_pages * page
+    np.testing.assert_array_equal(encoder.encode(tiles), expected)  # read again from the page cache
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
@@ -315,3 +360,33 @@ def test_quick_gelu_matches_clip() -> None:
 
     with np.errstate(over="ignore"):
         _check_activation(quick_gelu, QuickGELU())
+
+
+def test_memory_estimate_counts_the_converted_weights_held(tmp_path: Path) -> None:
+    """The estimate's vision share grows with the NumPy encoder's cache by exactly what the encoder
+    keeps converted; without a cache it is one layer's conversion (plus activations)."""
+    case = Case(-2, SelectStrategy.DEFAULT, weights="f16")
+    mmproj = tmp_path / "mmproj.gguf"
+    write_mmproj(mmproj, store(gguf_tensors(tiny_llava(case), 2), "f16"), 2, case)
+    llm = tmp_path / "llm.gguf"
+    writer = gguf.GGUFWriter(llm, "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 64), (writer.add_head_count, 4),
+                       (writer.add_context_length, 512)):
+        add(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+    encoder = NumpyVisionEncoder.from_gguf(mmproj, cache_bytes=2**30)
+    encoder.encode(np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
+    held = sum(a.nbytes for a in encoder._cache.values())
+    f16 = [t for t in gguf.GGUFReader(mmproj).tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
+    assert held == sum(4 * int(t.n_elements) for t in f16)
+
+    none = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=0)
+    full = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=2**30)
+    some = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=1000)
+    assert full.vision - none.vision == held
+    assert some.vision - none.vision == 1000
+    # without a cache: still a block's float16 weights in float32 (q, k, v, o 64x64; fc1, fc2 128x64)
+    assert none.vision > 4 * (4 * 64 * 64 + 2 * 128 * 64)

@@ -39,6 +39,16 @@ class GGUFTensors(Mapping[str, np.ndarray]):
         if self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             self._mapping.madvise(mmap.MADV_DONTNEED)
 
+    def release_tensor(self, name: str) -> None:
+        """Drop one tensor's whole pages from resident memory, once it has been converted."""
+        if self._mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        t = self._tensors[name]
+        start = -(-int(t.data_offset) // mmap.PAGESIZE) * mmap.PAGESIZE  # first whole page
+        end = (int(t.data_offset) + int(t.n_bytes)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def __getitem__(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         if t.tensor_type in PLAIN_TYPES:
