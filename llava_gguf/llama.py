@@ -50,7 +50,7 @@ class LlamaOptions:
     flash_attn: bool | None = None  # None: llama.cpp decides (on where supported)
     use_mmap: bool = True
     use_mlock: bool = False
-    # llama.cpp's CPU weight repacking: faster prefill on some CPUs, slower on others (repack.py measures
+    # llama.cpp's CPU weight repacking: faster on some CPUs, slower on others (repack.py measures
     # which, once per machine); a repacked model loads without mmap, so its weights are resident once
     repack: RepackPolicy = RepackPolicy.AUTO
     repack_cache_dir: Path | None = None  # where the verdict is kept (default: the cache root)

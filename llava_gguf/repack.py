@@ -1,12 +1,15 @@
-"""Whether llama.cpp's CPU weight repacking makes prefill faster on this machine.
+"""Whether llama.cpp's CPU weight repacking makes LLaVA requests faster on this machine.
 
 Repacking rearranges quantized weights for the CPU's SIMD layout (AVX2/AVX-512, ARM dotprod/i8mm):
-faster on some CPUs, slower on others. ``auto`` measures once per CPU model, llama.cpp build and
-thread count: a small synthetic Q4_K_M model prefills 256 tokens with and without repacking (the
-better of two runs each), and repacking is chosen when it is at least 5% faster. The verdict is
-cached with the encoders' probes; a corrupt cache entry is measured again. When repacking, the
-model is loaded without mmap, so its weights are resident once, not as the mapped file plus the
-repacked copy.
+faster on some CPUs, slower on others, and not always the same way for prefill (many-token
+products) and decode (one-token products). ``auto`` measures once per CPU model, llama.cpp build
+and thread count: a small synthetic Q4_K_M model prefills 256 tokens and decodes 32 with and
+without repacking (the best of a few runs each). Repacking is chosen when it is at least 5%
+faster for prefill, or for a typical request (an image's 1,000 positions of prefill, then a
+100-token answer): so prefill is never much slower than llama.cpp's default (repacking on), and
+repacking is left off where it buys nothing. The verdict is cached with the encoders' probes; a
+corrupt cache entry is measured again. When repacking, the model is loaded without mmap, so its
+weights are resident once, not as the mapped file plus the repacked copy.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_c
 log = logging.getLogger(__name__)
 
 PROBE_FILE = "repack-probe.json"
-_PROBE_VERSION = 1
-GAIN = 0.95  # repack when its prefill takes at most this fraction of the plain one's
-_N_EMBD, _N_FF, _N_LAYER, _N_HEAD, _N_VOCAB, _N_TOKENS = 1024, 2816, 2, 8, 512, 256
+_PROBE_VERSION = 2
+GAIN = 0.95  # repack when it takes at most this fraction of the plain time
+REQUEST_PREFILL, REQUEST_DECODE = 1000, 100  # a typical request: an image and its question, the answer
+_N_EMBD, _N_FF, _N_LAYER, _N_HEAD, _N_VOCAB, _N_TOKENS, _N_DECODE = 1024, 2816, 2, 8, 512, 256, 32
 
 
 class RepackPolicy(str, enum.Enum):
@@ -45,16 +49,48 @@ class RepackPolicy(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Speeds:
+    """Tokens per second of the probe model, with or without repacking."""
+
+    prefill: float
+    decode: float
+
+    def request_s(self) -> float:
+        """Seconds for a typical request's prefill and answer, at these speeds (relative figure)."""
+        return REQUEST_PREFILL / self.prefill + REQUEST_DECODE / self.decode
+
+
+def decide(repacked: Speeds, plain: Speeds) -> bool:
+    """Repack when it is at least 5% faster for prefill or for a typical request."""
+    return (plain.prefill <= GAIN * repacked.prefill
+            or repacked.request_s() <= GAIN * plain.request_s())
+
+
+@dataclass(frozen=True)
 class RepackVerdict:
     repack: bool
-    repack_tok_s: float
-    plain_tok_s: float
+    repacked: Speeds
+    plain: Speeds
 
     @property
     def reason(self) -> str:
         choice = "on" if self.repack else "off"
-        return (f"weight repacking {choice} (measured here: {self.repack_tok_s:.0f} vs {self.plain_tok_s:.0f} "
-                "tok/s prefill with and without)")
+        r, p = self.repacked, self.plain
+        return (f"weight repacking {choice} (measured here on a small Q4_K_M model with and without: "
+                f"prefill {r.prefill:.0f} vs {p.prefill:.0f} tok/s, decode {r.decode:.0f} vs {p.decode:.0f} tok/s)")
+
+    @classmethod
+    def from_json(cls, entry: object) -> RepackVerdict:
+        """A cached verdict; ``ValueError`` when malformed."""
+        try:
+            speeds = [Speeds(float(entry[k]["prefill"]), float(entry[k]["decode"]))  # type: ignore[index]
+                      for k in ("repacked", "plain")]
+            verdict = cls(bool(entry["repack"]), *speeds)  # type: ignore[index]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"malformed repack verdict: {e}") from e
+        if min(speeds[0].prefill, speeds[0].decode, speeds[1].prefill, speeds[1].decode) <= 0:
+            raise ValueError("malformed repack verdict: a speed is not positive")
+        return verdict
 
 
 _runs = 0
@@ -82,17 +118,16 @@ def probe_key(n_threads: int) -> str:
 
 
 def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = None) -> RepackVerdict:
-    """The cached verdict for this machine, or a new measurement (about a second)."""
+    """The cached verdict for this machine, or a new measurement (a few seconds)."""
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / PROBE_FILE
     key = probe_key(n_threads)
     cached = read_cache(path)
     entry = cached.get(key)
     if entry is not None:
         try:
-            return RepackVerdict(bool(entry["repack"]), float(entry["repack_tok_s"]),  # type: ignore[arg-type]
-                                 float(entry["plain_tok_s"]))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError):
-            log.debug("measuring again: the cached repack verdict in %s is malformed", path)
+            return RepackVerdict.from_json(entry)
+        except ValueError as e:
+            log.debug("measuring again: %s in %s", e, path)
     verdict = measure(n_threads)
     cached[key] = asdict(verdict)
     write_cache(path, cached)
@@ -139,35 +174,45 @@ def write_probe_model(path: Path) -> None:
     f32.unlink()
 
 
-def prefill_tok_s(path: Path, n_threads: int, repack: bool) -> float:
+def measure_speeds(path: Path, n_threads: int, repack: bool) -> Speeds:
+    """Prefill of 256 tokens and decode of 32, the best of a few runs each after a warm-up."""
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = repack
     params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if repack else llama_cpp.LLAMA_LOAD_MODE_MMAP
     model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
     try:
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = _N_TOKENS
+        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = _N_TOKENS + _N_DECODE
         ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
         ctx = _internals.LlamaContext(model=model, params=ctx_params, verbose=False)
+        batch = llama_cpp.llama_batch_init(_N_TOKENS, 0, 1)
         try:
-            batch = llama_cpp.llama_batch_init(_N_TOKENS, 0, 1)
-            tokens = np.random.default_rng(1).integers(1, _N_VOCAB, _N_TOKENS)
-            best = float("inf")
+            tokens = [int(t) for t in np.random.default_rng(1).integers(1, _N_VOCAB, _N_TOKENS + _N_DECODE)]
+            prefill = decode = float("inf")
             for _ in range(3):  # the first is a warm-up
                 llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
-                for i, token in enumerate(tokens):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(token), i, 1
-                    batch.seq_id[i][0], batch.logits[i] = 0, i == _N_TOKENS - 1
-                batch.n_tokens = _N_TOKENS
+                prefill = min(prefill, _timed_decode(ctx, batch, tokens[:_N_TOKENS], 0))
                 start = time.perf_counter()
-                llama_cpp.llama_decode(ctx.ctx, batch)
-                best = min(best, time.perf_counter() - start)
-            llama_cpp.llama_batch_free(batch)
+                for i in range(_N_DECODE):
+                    _timed_decode(ctx, batch, tokens[_N_TOKENS + i:_N_TOKENS + i + 1], _N_TOKENS + i)
+                decode = min(decode, time.perf_counter() - start)
         finally:
+            llama_cpp.llama_batch_free(batch)
             ctx.close()
     finally:
         model.close()
-    return _N_TOKENS / best
+    return Speeds(_N_TOKENS / prefill, _N_DECODE / decode)
+
+
+def _timed_decode(ctx: _internals.LlamaContext, batch: llama_cpp.llama_batch, tokens: list[int], pos: int) -> float:
+    """Decode ``tokens`` from position ``pos`` (logits of the last only); the seconds it took."""
+    for i, token in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos + i, 1
+        batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
+    batch.n_tokens = len(tokens)
+    start = time.perf_counter()
+    llama_cpp.llama_decode(ctx.ctx, batch)
+    return time.perf_counter() - start
 
 
 @llama_cpp.llama_log_callback
@@ -183,8 +228,8 @@ def measure(n_threads: int) -> RepackVerdict:
         with tempfile.TemporaryDirectory(prefix="llava-gguf-repack-") as scratch:
             path = Path(scratch) / "probe.Q4_K_M.gguf"
             write_probe_model(path)
-            plain = prefill_tok_s(path, n_threads, repack=False)
-            repacked = prefill_tok_s(path, n_threads, repack=True)
+            plain = measure_speeds(path, n_threads, repack=False)
+            repacked = measure_speeds(path, n_threads, repack=True)
     finally:
         llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-    return RepackVerdict(repacked * GAIN >= plain, repacked, plain)
+    return RepackVerdict(decide(repacked, plain), repacked, plain)

@@ -14,7 +14,7 @@ from llama_cpp import _logger as llama_logger
 
 from llava_gguf import repack
 from llava_gguf.llama import LlamaOptions, LlamaRuntime
-from llava_gguf.repack import PROBE_FILE, RepackPolicy, choose_repack, probe_key, write_probe_model
+from llava_gguf.repack import PROBE_FILE, RepackPolicy, Speeds, choose_repack, decide, probe_key, write_probe_model
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,19 @@ def q4_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _verdict_file(directory: Path, threads: int, chosen: bool) -> None:
-    entry = {"repack": chosen, "repack_tok_s": 2.0 if chosen else 1.0, "plain_tok_s": 1.0 if chosen else 2.0}
+    fast, slow = {"prefill": 2.0, "decode": 2.0}, {"prefill": 1.0, "decode": 1.0}
+    entry = {"repack": chosen, "repacked": fast if chosen else slow, "plain": slow if chosen else fast}
     (directory / PROBE_FILE).write_text(json.dumps({probe_key(threads): entry}))
+
+
+@pytest.mark.parametrize(("repacked", "plain", "chosen"), [
+    (Speeds(120, 53), Speeds(180, 38), False),  # this AMD EPYC (the 1B model): prefill and the request favour off
+    (Speeds(37, 8.6), Speeds(25, 9.0), True),  # the Intel Xeon: prefill favours repacking
+    (Speeds(100, 60), Speeds(102, 30), True),  # prefill a tie, the answer twice as fast repacked
+    (Speeds(100, 10), Speeds(103, 10.2), False),  # within 5% both ways: no reason to repack
+])
+def test_the_decision(repacked: Speeds, plain: Speeds, chosen: bool) -> None:
+    assert decide(repacked, plain) is chosen
 
 
 @pytest.mark.parametrize("chosen", [True, False])
@@ -38,12 +49,15 @@ def test_a_cached_verdict_decides(tmp_path: Path, chosen: bool) -> None:
 
 
 def test_a_corrupt_verdict_is_measured_again(tmp_path: Path) -> None:
-    for garbage in ("{not json", json.dumps({probe_key(2): {"repack": True}})):
+    stale = {"repack": True, "repack_tok_s": 2.0, "plain_tok_s": 1.0}  # the first version's entry
+    zero = {"repack": True, "repacked": {"prefill": 1.0, "decode": 0.0}, "plain": {"prefill": 1.0, "decode": 1.0}}
+    for garbage in ("{not json", *(json.dumps({probe_key(2): e}) for e in ({"repack": True}, stale, zero))):
         (tmp_path / PROBE_FILE).write_text(garbage)
         before = repack.probe_run_count()
         verdict = choose_repack(2, tmp_path)
         assert repack.probe_run_count() == before + 1
-        assert verdict.repack_tok_s > 0 and verdict.plain_tok_s > 0 and "measured here" in verdict.reason
+        assert min(verdict.repacked.prefill, verdict.repacked.decode, verdict.plain.prefill, verdict.plain.decode) > 0
+        assert verdict.repack is decide(verdict.repacked, verdict.plain) and "measured here" in verdict.reason
         assert json.loads((tmp_path / PROBE_FILE).read_text())[probe_key(2)]["repack"] is verdict.repack
 
 
