@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -362,6 +363,65 @@ def print_table(raw: dict[str, Any], rows: list[dict[str, Any]], file: Any) -> N
               f"{entry['wall_s']:.0f} s ({state})", file=file)
 
 
+# ---------------------------------------------------------------- the LLM alone, by repack setting
+
+REPACK_SETTINGS = (("llm_ours", "auto"), ("llm_ours", "off"), ("llm_ours", "on"), ("llm_stock", "stock"))
+
+
+def repack_rows(spec: dict[str, Any], runs: int, workdir: Path, log: Any) -> list[dict[str, Any]]:
+    """Each setting in its own process, the settings alternating round by round; every round's
+    figures kept (the table gives their range), with the machine's load while each ran."""
+    spec = {**spec, "runs": 2, "repack_pp": REPACK_PP, "repack_tg": REPACK_TG}
+    rows = {setting: {"setting": setting, "rounds": []} for _, setting in REPACK_SETTINGS}
+    for repetition in range(runs):
+        for worker, setting in REPACK_SETTINGS:
+            print(f"[bench] LLM alone, {setting} ({repetition + 1}/{runs})", file=log, flush=True)
+            child = run_child(worker, {**spec, "repack": setting}, workdir)
+            rows[setting]["rounds"].append({**child.result, "peak_rss_bytes": child.max_rss_bytes,
+                                            "wall_s": child.wall_s, "other_cpu_s": child.other_cpu_s,
+                                            "disturbed": child.disturbed})
+    return list(rows.values())
+
+
+REPACK_PP, REPACK_TG = 256, 64  # the issue's conditions: a 256-token prefill, 64 tokens decoded one at a time
+
+
+def print_repack_table(raw: dict[str, Any], rows: list[dict[str, Any]], file: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = raw["machine"]
+    title = (f"the {raw['shape']['name']} {raw['spec']['quant']} LLM alone, {REPACK_PP}-token prefill, {REPACK_TG}-token "
+             f"decode, {raw['date']}\n{m['cpu']}, {m['cores']} cores; threads {raw['threads']}; each round in its "
+             "own process, the settings alternating")
+    table = Table(title=title, title_justify="left")
+    for col in ("runtime", "repack", "mmap", "prefill tok/s", "decode tok/s", "peak RSS MiB", "load s", "load"):
+        table.add_column(col, justify="left" if col in ("runtime", "repack", "mmap", "load") else "right")
+
+    def span(values: list[float]) -> str:
+        lo, hi = min(values), max(values)
+        return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)}-{fmt(hi)}"
+
+    stock = next(r for r in rows if r["setting"] == "stock")
+    for r in rows:
+        rounds = r["rounds"]
+        name = "stock llama_cpp.Llama" if r["setting"] == "stock" else f"ours, --repack {r['setting']}"
+        disturbed = sum(x["disturbed"] for x in rounds)
+        table.add_row(name, "on" if rounds[0]["repack"] else "off", "yes" if rounds[0]["mapped"] else "no",
+                      span([x["prefill_tok_s"] for x in rounds]), span([x["decode_tok_s"] for x in rounds]),
+                      span([x["peak_rss_bytes"] / MB for x in rounds]), span([x["load_s"] for x in rounds]),
+                      f"DISTURBED in {disturbed} round(s)" if disturbed else "idle")
+    Console(file=file, width=200).print(table)
+    for r in rows:
+        if r["setting"] == "stock":
+            continue
+        ratios = {key: statistics.median(x[key] for x in r["rounds"]) / statistics.median(x[key] for x in stock["rounds"])
+                  for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes")}
+        print(f"- ours --repack {r['setting']} / stock (medians): prefill {ratios['prefill_tok_s']:.2f}x, decode "
+              f"{ratios['decode_tok_s']:.2f}x, peak RSS {ratios['peak_rss_bytes']:.2f}x", file=file)
+    print(f"- auto: {rows[0]['rounds'][0]['reason']}", file=file)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -381,8 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reconvert", action="store_true", help="convert again even when the GGUFs are cached")
     p.add_argument("--delete-checkpoints", action="store_true",
                    help="delete the f16 safetensors after converting (transformers then needs a rebuild)")
-    p.add_argument("--only", choices=["prompt-cache"], help="measure only these rows (the rest of the table stays "
-                   "as the last full run left it)")
+    p.add_argument("--only", choices=["prompt-cache", "repack"],
+                   help="measure only these rows (the rest of the table stays as the last full run left it); "
+                   "repack: the LLM alone under each weight-repacking setting against the stock Llama")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -430,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "shape": asdict(shape), "spec": spec, "convert": converted, "llm": stats,
         "bandwidth_bytes_per_s": bandwidth, "notes": notes,
     }
+    if args.only == "repack":
+        print_repack_table(raw, repack_rows(spec, runs, workdir, log), sys.stdout)
+        return 0
     rss: dict[str, int] = {}
     shutil.rmtree(spec["prompt_cache_dir"], ignore_errors=True)
     for name in ("ask_first", "ask_second"):  # two processes in a row: the second restores the image's prefix

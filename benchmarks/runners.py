@@ -336,6 +336,69 @@ def run_transformers(spec: Spec) -> dict[str, Any]:
     return {"e2e_s": times, "load_s": load_s, "n_generated": n, "n_prompt_tokens": len(ids)}
 
 
+# ---------------------------------------------------------------- the LLM alone, by repack setting
+
+
+def _llm_speeds(prefill: Callable[[list[int]], None], step: Callable[[int], None], n_vocab: int,
+                spec: Spec) -> dict[str, Any]:
+    """Prefill of ``repack_pp`` random tokens and decode of ``repack_tg`` more, one at a time (the
+    best of ``runs`` after a warm-up each); the caller clears the context in ``prefill``."""
+    n_pp, n_tg = spec["repack_pp"], spec["repack_tg"]
+    tokens = _random_tokens(n_pp + n_tg, n_vocab, 7)
+    pp, tg = [], []
+    for _ in range(spec["runs"] + 1):
+        start = time.perf_counter()
+        prefill(tokens[:n_pp])
+        middle = time.perf_counter()
+        for token in tokens[n_pp:]:
+            step(token)
+        pp.append(middle - start)
+        tg.append(time.perf_counter() - middle)
+    return {"prefill_tok_s": n_pp / min(pp[1:]), "decode_tok_s": n_tg / min(tg[1:])}
+
+
+def run_llm_ours(spec: Spec) -> dict[str, Any]:
+    """Our LLM runtime alone, with ``spec["repack"]`` (auto, on, off)."""
+    from llava_gguf.llama import LlamaOptions, LlamaRuntime
+    from llava_gguf.repack import RepackPolicy
+
+    start = time.perf_counter()
+    n_ctx = spec["repack_pp"] + spec["repack_tg"] + 8
+    rt = LlamaRuntime(Path(spec["llm15"]), LlamaOptions(n_ctx=n_ctx, n_threads=spec["threads"],
+                                                        flash_attn=spec["flash_attn"],  # as the stock Llama's
+                                                        repack=RepackPolicy(spec["repack"])))
+    load_s = time.perf_counter() - start
+    rt.ensure_context(n_ctx)
+
+    def prefill(tokens: list[int]) -> None:
+        rt.truncate(0)
+        rt.decode_tokens(tokens)
+
+    out = _llm_speeds(prefill, lambda token: rt.decode_tokens([token]), rt.n_vocab, spec)
+    out.update(load_s=load_s, repack=rt.repack, mapped=rt.mapped, reason=rt.repack_reason)
+    rt.close()
+    return out
+
+
+def run_llm_stock(spec: Spec) -> dict[str, Any]:
+    """llama-cpp-python's ``Llama`` alone, with its defaults (repacking on, mmap)."""
+    import llama_cpp
+
+    start = time.perf_counter()
+    llama = llama_cpp.Llama(model_path=spec["llm15"], n_ctx=spec["repack_pp"] + spec["repack_tg"] + 8, n_batch=512,
+                            n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False)
+    load_s = time.perf_counter() - start
+
+    def prefill(tokens: list[int]) -> None:
+        llama.reset()
+        llama.eval(tokens)
+
+    out = _llm_speeds(prefill, lambda token: llama.eval([token]), llama.n_vocab(), spec)
+    out.update(load_s=load_s, repack=True, mapped=True, reason="llama.cpp's defaults")
+    llama.close()
+    return out
+
+
 WORKERS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "convert": run_convert,
     "ours": run_ours,
@@ -344,6 +407,8 @@ WORKERS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "stock": run_stock,
     "stock_chat": run_stock_chat,
     "transformers": run_transformers,
+    "llm_ours": run_llm_ours,
+    "llm_stock": run_llm_stock,
 }
 
 

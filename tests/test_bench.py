@@ -66,3 +66,22 @@ def test_quick_json_has_every_figure(tmp_path: Path) -> None:
 
     # the table went to stderr with the machine line and the ratios
     assert "ours/peer" in proc.stderr and "threads" in proc.stderr
+
+
+def test_quick_repack_table(tmp_path: Path) -> None:
+    """``--only repack``: the four settings, each honoured (ours on = repacked without mmap), with
+    their figures, load marks and ratios to the stock Llama."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "repack", "--runs", "1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in proc.stdout.splitlines() if line.startswith("│")}
+    assert set(lines) == {"ours, --repack auto", "ours, --repack off", "ours, --repack on", "stock llama_cpp.Llama"}
+    assert lines["ours, --repack off"][:2] == ["off", "yes"] and lines["ours, --repack on"][:2] == ["on", "no"]
+    assert lines["stock llama_cpp.Llama"][:2] == ["on", "yes"]
+    for cells in lines.values():
+        assert all(_positive(float(c.split("-")[0])) for c in cells[2:6]), cells
+        assert cells[6] in ("idle", "DISTURBED in 1 round(s)")
+    assert proc.stdout.count("/ stock (medians): prefill") == 3 and "auto: weight repacking" in proc.stdout
