@@ -3,8 +3,10 @@
 Repacking rearranges quantized weights for the CPU's SIMD layout (AVX2/AVX-512, ARM dotprod/i8mm):
 faster on some CPUs, slower on others, and not always the same way for prefill (many-token
 products) and decode (one-token products). ``auto`` measures once per CPU model, llama.cpp build
-and thread count: a small synthetic Q4_K_M model prefills 256 tokens and decodes 32 with and
-without repacking (the best of a few runs each). Repacking is chosen when it is at least 5%
+and thread count: a small synthetic Q4_K_M model (1B-wide, two layers) prefills 256 tokens and
+decodes 32 with and without repacking (the best of a few runs each; about a second in all; its
+decode, over 58 MiB of weights, understates what repacking does for a real model's).
+Repacking is chosen when it is at least 5%
 faster for prefill, or for a typical request (an image's 1,000 positions of prefill, then a
 100-token answer): so prefill is never much slower than llama.cpp's default (repacking on), and
 repacking is left off where it buys nothing. The verdict is cached with the encoders' probes; a
@@ -36,10 +38,11 @@ from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_c
 log = logging.getLogger(__name__)
 
 PROBE_FILE = "repack-probe.json"
-_PROBE_VERSION = 2
+_PROBE_VERSION = 3
 GAIN = 0.95  # repack when it takes at most this fraction of the plain time
 REQUEST_PREFILL, REQUEST_DECODE = 1000, 100  # a typical request: an image and its question, the answer
-_N_EMBD, _N_FF, _N_LAYER, _N_HEAD, _N_VOCAB, _N_TOKENS, _N_DECODE = 1024, 2816, 2, 8, 512, 256, 32
+_N_EMBD, _N_FF, _N_LAYER, _N_HEAD, _N_HEAD_KV, _N_VOCAB = 2048, 5632, 2, 32, 4, 512
+_N_TOKENS, _N_DECODE = 256, 32
 
 
 class RepackPolicy(str, enum.Enum):
@@ -135,43 +138,52 @@ def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = Non
 
 
 def write_probe_model(path: Path) -> None:
-    """A small llama-architecture GGUF in Q4_K_M (random weights), for timing only."""
-    from llava_gguf.convert.quantize import Quant, quantize_gguf
-
-    f32 = path.with_suffix(".f32.gguf")
-    writer = gguf.GGUFWriter(f32, "llama")
+    """A small llama-architecture GGUF laid out as Q4_K_M (Q6_K for attn_v, ffn_down and the output,
+    Q4_K for the rest), its blocks random bytes with small scales: for timing only, written in a
+    fraction of a second without a quantizer. 2048 wide like a 1B model, so the products are real-sized."""
+    writer = gguf.GGUFWriter(path, "llama")
     writer.add_context_length(1024)
     writer.add_embedding_length(_N_EMBD)
     writer.add_block_count(_N_LAYER)
     writer.add_feed_forward_length(_N_FF)
     writer.add_head_count(_N_HEAD)
-    writer.add_head_count_kv(_N_HEAD)
+    writer.add_head_count_kv(_N_HEAD_KV)
     writer.add_rope_dimension_count(_N_EMBD // _N_HEAD)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(_N_VOCAB)
     writer.add_tokenizer_model("none")
-    writer.add_file_type(0)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     rng = np.random.default_rng(0)
     t, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    shapes = {names[t.TOKEN_EMBD] + ".weight": (_N_VOCAB, _N_EMBD), names[t.OUTPUT_NORM] + ".weight": (_N_EMBD,),
-              names[t.OUTPUT] + ".weight": (_N_VOCAB, _N_EMBD)}
+    q4, q6 = gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K
+    n_kv = _N_EMBD // _N_HEAD * _N_HEAD_KV
+    writer.add_tensor(names[t.TOKEN_EMBD] + ".weight", rng.standard_normal((_N_VOCAB, _N_EMBD), dtype=np.float32) * 0.02)
+    writer.add_tensor(names[t.OUTPUT_NORM] + ".weight", np.ones(_N_EMBD, np.float32))
+    writer.add_tensor(names[t.OUTPUT] + ".weight", _random_blocks(q6, _N_VOCAB, _N_EMBD, rng), raw_dtype=q6)
     for i in range(_N_LAYER):
-        shapes.update({
-            names[t.ATTN_NORM].format(bid=i) + ".weight": (_N_EMBD,), names[t.FFN_NORM].format(bid=i) + ".weight": (_N_EMBD,),
-            **{names[k].format(bid=i) + ".weight": (_N_EMBD, _N_EMBD) for k in (t.ATTN_Q, t.ATTN_K, t.ATTN_V, t.ATTN_OUT)},
-            names[t.FFN_GATE].format(bid=i) + ".weight": (_N_FF, _N_EMBD),
-            names[t.FFN_UP].format(bid=i) + ".weight": (_N_FF, _N_EMBD),
-            names[t.FFN_DOWN].format(bid=i) + ".weight": (_N_EMBD, _N_FF),
-        })
-    for name, shape in shapes.items():
-        data = np.ones(shape, np.float32) if len(shape) == 1 else rng.standard_normal(shape, dtype=np.float32) * 0.02
-        writer.add_tensor(name, data)
+        for norm in (t.ATTN_NORM, t.FFN_NORM):
+            writer.add_tensor(names[norm].format(bid=i) + ".weight", np.ones(_N_EMBD, np.float32))
+        for tensor, qtype, rows, cols in ((t.ATTN_Q, q4, _N_EMBD, _N_EMBD), (t.ATTN_K, q4, n_kv, _N_EMBD),
+                                          (t.ATTN_V, q6, n_kv, _N_EMBD), (t.ATTN_OUT, q4, _N_EMBD, _N_EMBD),
+                                          (t.FFN_GATE, q4, _N_FF, _N_EMBD), (t.FFN_UP, q4, _N_FF, _N_EMBD),
+                                          (t.FFN_DOWN, q6, _N_EMBD, _N_FF)):
+            writer.add_tensor(names[tensor].format(bid=i) + ".weight", _random_blocks(qtype, rows, cols, rng),
+                              raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    quantize_gguf(f32, path, Quant.Q4_K_M, threads=1)
-    f32.unlink()
+
+
+def _random_blocks(qtype: gguf.GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """[rows, cols] weights as random K-quant blocks whose float16 super-block scales are 1e-4."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
+    # Q4_K: d and dmin lead the block; Q6_K: d ends it
+    for offset in ((0, 2) if qtype == gguf.GGMLQuantizationType.Q4_K else (type_size - 2,)):
+        blocks[..., offset:offset + 2] = scale
+    return blocks.reshape(rows, -1)  # [rows, n_blocks * type_size] bytes
 
 
 def measure_speeds(path: Path, n_threads: int, repack: bool) -> Speeds:
@@ -223,7 +235,7 @@ def _silent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 def measure(n_threads: int) -> RepackVerdict:
     global _runs
     _runs += 1
-    llama_cpp.llama_log_set(_silent, ctypes.c_void_p(0))  # the quantizer and loader narrate every tensor
+    llama_cpp.llama_log_set(_silent, ctypes.c_void_p(0))  # the loader narrates every tensor
     try:
         with tempfile.TemporaryDirectory(prefix="llava-gguf-repack-") as scratch:
             path = Path(scratch) / "probe.Q4_K_M.gguf"
