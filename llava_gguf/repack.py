@@ -1,13 +1,12 @@
 """Whether llama.cpp's CPU weight repacking makes LLaVA requests faster on this machine.
 
 Repacking rearranges quantized weights for the CPU's SIMD layout (AVX2/AVX-512, ARM dotprod/i8mm):
-faster on some CPUs, slower on others, and not always the same way for prefill (many-token
-products) and decode (one-token products). ``auto`` measures once per CPU model, llama.cpp build
-and thread count: a small synthetic Q4_K_M model (1B-wide, two layers) prefills 256 tokens and
-decodes 32 with and without repacking (the best of a few runs each; about a second in all; its
-decode, over 58 MiB of weights, understates what repacking does for a real model's).
-Repacking is chosen when it is at least 5%
-faster for prefill, or for a typical request (an image's 1,000 positions of prefill, then a
+faster on some CPUs, slower on others, and not always the same way for prefill (many-token products)
+and decode (one-token products). ``auto`` measures once per CPU model, llama.cpp build and thread
+count: a small synthetic Q4_K_M model (1B-wide, two layers) prefills 256 tokens and decodes 32 with
+and without repacking (the best of a few runs each; about a second in all; its decode, over 58 MiB
+of weights, understates what repacking does for a real model's). Repacking is chosen when it is at
+least 5% faster for prefill, or for a typical request (an image's 1,000 positions of prefill, then a
 100-token answer): so prefill is never much slower than llama.cpp's default (repacking on), and
 repacking is left off where it buys nothing. The verdict is cached with the encoders' probes; a
 corrupt cache entry is measured again. When repacking, the model is loaded without mmap, so its
