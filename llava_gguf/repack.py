@@ -120,7 +120,7 @@ def probe_key(n_threads: int) -> str:
 
 
 def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = None) -> RepackVerdict:
-    """The cached verdict for this machine, or a new measurement (a few seconds)."""
+    """The cached verdict for this machine, or a new measurement (about a second)."""
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / PROBE_FILE
     key = probe_key(n_threads)
     cached = read_cache(path)
