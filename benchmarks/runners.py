@@ -360,8 +360,10 @@ def _llm_speeds(prefill: Callable[[list[int]], None], step: Callable[[int], None
 def run_llm_ours(spec: Spec) -> dict[str, Any]:
     """Our LLM runtime alone, with ``spec["repack"]`` (auto, on, off)."""
     from llava_gguf.llama import LlamaOptions, LlamaRuntime
-    from llava_gguf.repack import RepackPolicy
+    from llava_gguf.repack import RepackPolicy, choose_repack
 
+    if spec["repack"] == "auto":
+        choose_repack(spec["threads"])  # the machine's verdict, measured now if not cached: not in the load time
     start = time.perf_counter()
     n_ctx = spec["repack_pp"] + spec["repack_tg"] + 8
     rt = LlamaRuntime(Path(spec["llm15"]), LlamaOptions(n_ctx=n_ctx, n_threads=spec["threads"],
@@ -386,7 +388,8 @@ def run_llm_stock(spec: Spec) -> dict[str, Any]:
 
     start = time.perf_counter()
     llama = llama_cpp.Llama(model_path=spec["llm15"], n_ctx=spec["repack_pp"] + spec["repack_tg"] + 8, n_batch=512,
-                            n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False)
+                            n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                            flash_attn=bool(spec["flash_attn"]), verbose=False)
     load_s = time.perf_counter() - start
 
     def prefill(tokens: list[int]) -> None:

@@ -21,7 +21,7 @@ _KV_BYTES = {KVCacheType.F32: 4.0, KVCacheType.F16: 2.0, KVCacheType.Q8_0: 34 / 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int  # both GGUF files
+    weights: int  # the LLM file and what stays resident of the mmproj
     kv_cache: int
     vision: int  # the vision encoder's working set beyond its file: float32 copies, activations
     n_ctx: int
@@ -78,21 +78,34 @@ def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_
 
     reader = read_gguf(mmproj_path)
     clip = GGUFFields(reader)
-    # The NumPy encoder computes in float32: float16 / quantized tensors are converted, a layer's
-    # at a time, and kept up to its cache's size (their file pages leave resident memory).
-    layers: dict[str, int] = defaultdict(int)
-    for t in reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            block = re.search(r"\bblk\.\d+\.", t.name)
-            layers[block.group(0) if block else t.name.split(".")[0]] += 4 * int(t.n_elements)
-    upcast = min(vision_cache_bytes, sum(layers.values())) + max(layers.values(), default=0)
+    mmproj_resident, upcast = vision_weight_bytes(reader, mmproj_path.stat().st_size, vision_cache_bytes)
     side = int(clip.get(gguf.Keys.ClipVision.IMAGE_SIZE) or 336) // int(clip.get(gguf.Keys.ClipVision.PATCH_SIZE) or 14)
     tokens = side * side + 1
     hidden = int(clip.get(gguf.Keys.ClipVision.EMBEDDING_LENGTH) or 1024)
     ffn = int(clip.get(gguf.Keys.ClipVision.FEED_FORWARD_LENGTH) or 4 * hidden)
     heads = int(clip.get(gguf.Keys.ClipVision.Attention.HEAD_COUNT) or 16)
-    # per tile: attention scores [heads, T, T], the MLP's [T, ffn] twice, a few [T, hidden]
-    activations = 4 * (heads * tokens * tokens + 2 * tokens * ffn + 8 * tokens * hidden)
+    # one tile's block at a time: attention scores [heads, T, T], the MLP's [T, ffn] twice, a few
+    # [T, hidden]; every tile's hidden states [T, hidden] (twice while a layer replaces them)
+    activations = 4 * (heads * tokens * tokens + 2 * tokens * ffn + 8 * tokens * hidden + 2 * n_tiles * tokens * hidden)
     outputs = 4 * n_tiles * tokens * n_embd  # projected features of every tile
-    weights = llm_path.stat().st_size + mmproj_path.stat().st_size
+    weights = llm_path.stat().st_size + mmproj_resident
     return MemoryEstimate(weights, kv, upcast + activations + outputs, ctx, available_memory())
+
+
+def vision_weight_bytes(reader: gguf.GGUFReader, file_size: int, cache_bytes: int) -> tuple[int, int]:
+    """(bytes of the mmproj file resident, bytes of float32 copies held) while the NumPy encoder runs.
+
+    It computes in float32: float16 / quantized tensors are converted a layer at a time (the
+    embeddings, each block, the projector), kept up to ``cache_bytes``, and their file pages leave
+    resident memory once converted; float32 tensors are used in place.
+    """
+    f32: dict[str, int] = defaultdict(int)  # by layer
+    stored: dict[str, int] = defaultdict(int)
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            block = re.search(r"\bblk\.\d+\.", t.name)
+            layer = block.group(0) if block else t.name.split(".")[0]
+            f32[layer] += 4 * int(t.n_elements)
+            stored[layer] += int(t.n_bytes)
+    resident = file_size - sum(stored.values()) + max(stored.values(), default=0)
+    return resident, min(sum(f32.values()), cache_bytes + max(f32.values(), default=0))

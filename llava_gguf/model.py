@@ -222,6 +222,8 @@ class LlavaModel:
     def _encode(self, image: Image.Image, on_tile: TileCallback | None) -> np.ndarray:
         start = time.perf_counter()
         tiles, size_hw = preprocess(image, self.settings)
+        if on_tile is not None:
+            on_tile(0, len(tiles))  # a new image: its progress starts (an encoder may report tiles in groups)
         features = self.encoder.encode(tiles, on_tile)  # [n_tiles, n_patches, d]
         if self.settings.image_mode is ImageMode.ANYRES:
             newline = self.encoder.image_newline

@@ -19,6 +19,7 @@ import ctypes
 import enum
 import hashlib
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -71,13 +72,16 @@ def decide(repacked: Speeds, plain: Speeds) -> bool:
 @dataclass(frozen=True)
 class RepackVerdict:
     repack: bool
-    repacked: Speeds
-    plain: Speeds
+    repacked: Speeds | None  # None: the probe could not run (``failure`` says why)
+    plain: Speeds | None
+    failure: str | None = None
 
     @property
     def reason(self) -> str:
         choice = "on" if self.repack else "off"
         r, p = self.repacked, self.plain
+        if r is None or p is None:
+            return f"weight repacking {choice} (the probe could not run: {self.failure})"
         return (f"weight repacking {choice} (measured here on a small Q4_K_M model with and without: "
                 f"prefill {r.prefill:.0f} vs {p.prefill:.0f} tok/s, decode {r.decode:.0f} vs {p.decode:.0f} tok/s)")
 
@@ -90,8 +94,9 @@ class RepackVerdict:
             verdict = cls(bool(entry["repack"]), *speeds)  # type: ignore[index]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"malformed repack verdict: {e}") from e
-        if min(speeds[0].prefill, speeds[0].decode, speeds[1].prefill, speeds[1].decode) <= 0:
-            raise ValueError("malformed repack verdict: a speed is not positive")
+        figures = (speeds[0].prefill, speeds[0].decode, speeds[1].prefill, speeds[1].decode)
+        if not all(math.isfinite(x) and x > 0 for x in figures):
+            raise ValueError("malformed repack verdict: a speed is not a positive number")
         return verdict
 
 
@@ -130,7 +135,11 @@ def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = Non
             return RepackVerdict.from_json(entry)
         except ValueError as e:
             log.debug("measuring again: %s in %s", e, path)
-    verdict = measure(n_threads)
+    try:
+        verdict = measure(n_threads)
+    except (RuntimeError, ValueError, OSError) as e:  # llama.cpp refused the probe model, no scratch space
+        log.debug("the repack probe failed: %s", e)
+        return RepackVerdict(False, None, None, str(e))  # llama.cpp's load default stays off; not cached
     cached[key] = asdict(verdict)
     write_cache(path, cached)
     return verdict
@@ -200,13 +209,14 @@ def measure_speeds(path: Path, n_threads: int, repack: bool) -> Speeds:
         try:
             tokens = [int(t) for t in np.random.default_rng(1).integers(1, _N_VOCAB, _N_TOKENS + _N_DECODE)]
             prefill = decode = float("inf")
-            for _ in range(3):  # the first is a warm-up
+            for run in range(3):  # the first is a warm-up
                 llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
-                prefill = min(prefill, _timed_decode(ctx, batch, tokens[:_N_TOKENS], 0))
+                prefill_s = _timed_decode(ctx, batch, tokens[:_N_TOKENS], 0)
                 start = time.perf_counter()
                 for i in range(_N_DECODE):
                     _timed_decode(ctx, batch, tokens[_N_TOKENS + i:_N_TOKENS + i + 1], _N_TOKENS + i)
-                decode = min(decode, time.perf_counter() - start)
+                if run > 0:
+                    prefill, decode = min(prefill, prefill_s), min(decode, time.perf_counter() - start)
         finally:
             llama_cpp.llama_batch_free(batch)
             ctx.close()
@@ -222,8 +232,11 @@ def _timed_decode(ctx: _internals.LlamaContext, batch: llama_cpp.llama_batch, to
         batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
     batch.n_tokens = len(tokens)
     start = time.perf_counter()
-    llama_cpp.llama_decode(ctx.ctx, batch)
-    return time.perf_counter() - start
+    status = llama_cpp.llama_decode(ctx.ctx, batch)
+    elapsed = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"llama_decode returned {status} on the probe model")
+    return elapsed
 
 
 @llama_cpp.llama_log_callback

@@ -8,7 +8,9 @@ import ctypes
 import json
 from pathlib import Path
 
+import gguf
 import llama_cpp
+import numpy as np
 import pytest
 from llama_cpp import _logger as llama_logger
 
@@ -51,11 +53,13 @@ def test_a_cached_verdict_decides(tmp_path: Path, chosen: bool) -> None:
 def test_a_corrupt_verdict_is_measured_again(tmp_path: Path) -> None:
     stale = {"repack": True, "repack_tok_s": 2.0, "plain_tok_s": 1.0}  # the first version's entry
     zero = {"repack": True, "repacked": {"prefill": 1.0, "decode": 0.0}, "plain": {"prefill": 1.0, "decode": 1.0}}
-    for garbage in ("{not json", *(json.dumps({probe_key(2): e}) for e in ({"repack": True}, stale, zero))):
+    nan = {"repack": True, "repacked": {"prefill": float("nan"), "decode": 1.0}, "plain": {"prefill": 1.0, "decode": 1.0}}
+    for garbage in ("{not json", *(json.dumps({probe_key(2): e}) for e in ({"repack": True}, stale, zero, nan))):
         (tmp_path / PROBE_FILE).write_text(garbage)
         before = repack.probe_run_count()
         verdict = choose_repack(2, tmp_path)
         assert repack.probe_run_count() == before + 1
+        assert verdict.repacked is not None and verdict.plain is not None
         assert min(verdict.repacked.prefill, verdict.repacked.decode, verdict.plain.prefill, verdict.plain.decode) > 0
         assert verdict.repack is decide(verdict.repacked, verdict.plain) and "measured here" in verdict.reason
         assert json.loads((tmp_path / PROBE_FILE).read_text())[probe_key(2)]["repack"] is verdict.repack
@@ -105,3 +109,16 @@ def test_low_memory_never_repacks(f32_pair, tmp_path: Path) -> None:
                                        "--low-memory", "--kv-cache-type", "f16", "--repack", "on", "hi"])
     assert result.exit_code == 0, result.output
     assert "weight repacking off (--low-memory)" in result.stderr
+
+
+def test_the_probe_model_holds_finite_small_weights(q4_model: Path) -> None:
+    """Its random K-quant blocks dequantize (gguf-py, bit-exact with ggml) to small finite weights in
+    the Q4_K_M layout, so the timings are of ordinary arithmetic."""
+    reader = gguf.GGUFReader(q4_model)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == types["output.weight"] == gguf.GGMLQuantizationType.Q6_K
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q4_K
+    for t in reader.tensors:
+        if t.tensor_type in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+            weights = gguf.quants.dequantize(t.data, t.tensor_type)
+            assert np.isfinite(weights).all() and 0 < np.abs(weights).max() < 1, t.name

@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from llava_gguf.convert.names import Layout, block_index, canonical_name, gguf_name, is_vision
 from llava_gguf.errors import GGUFFormatError, ImageError
 from llava_gguf.llama import KVCacheType
-from llava_gguf.memory import estimate_memory
+from llava_gguf.memory import estimate_memory, vision_weight_bytes
 from llava_gguf.metadata import ClipKeys, ImageMode, SelectStrategy, VisionSettings
 from llava_gguf.vision import GGUFTensors, NumpyVisionEncoder, gelu, load_mmproj_tensors, quick_gelu
 from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder
@@ -362,12 +362,39 @@ def test_quick_gelu_matches_clip() -> None:
         _check_activation(quick_gelu, QuickGELU())
 
 
-def test_memory_estimate_counts_the_converted_weights_held(tmp_path: Path) -> None:
-    """The estimate's vision share grows with the NumPy encoder's cache by exactly what the encoder
-    keeps converted; without a cache it is one layer's conversion (plus activations)."""
+class _PeakHeld(NumpyVisionEncoder):
+    """Records the most bytes of converted float32 weights held at once (cache and current layer)."""
+
+    peak = 0
+
+    def _weight(self, name: str) -> np.ndarray:
+        out = super()._weight(name)
+        held = sum(a.nbytes for scope in (self._cache, self._scope or {}) for a in scope.values())
+        self.peak = max(self.peak, held)
+        return out
+
+
+def test_memory_estimate_counts_what_the_encoder_holds(tmp_path: Path) -> None:
+    """The estimate's float32 copies are the encoder's measured peak: one layer without a cache,
+    every converted tensor with a large one."""
     case = Case(-2, SelectStrategy.DEFAULT, weights="f16")
     mmproj = tmp_path / "mmproj.gguf"
     write_mmproj(mmproj, store(gguf_tensors(tiny_llava(case), 2), "f16"), 2, case)
+    reader = gguf.GGUFReader(mmproj)
+    size = mmproj.stat().st_size
+    tiles = np.random.default_rng(3).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    for cache_bytes in (0, 2**30):
+        encoder = _PeakHeld.from_gguf(mmproj, cache_bytes=cache_bytes)
+        encoder.encode(tiles)
+        resident, held = vision_weight_bytes(reader, size, cache_bytes)
+        assert encoder.peak == held
+        assert resident < size  # converted tensors' pages leave (test_converted_weights_leave_resident_memory)
+    # the largest layer here is the embeddings' float16 weights (patch conv 64x3x14x14, positions
+    # 17x64) in float32; a block's are q, k, v, o 64x64 and fc1, fc2 128x64
+    n_positions = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1
+    assert vision_weight_bytes(reader, size, 0)[1] == 4 * (64 * 3 * PATCH_SIZE**2 + n_positions * 64)
+    assert 4 * (64 * 3 * PATCH_SIZE**2 + n_positions * 64) > 4 * (4 * 64 * 64 + 2 * 128 * 64)
+
     llm = tmp_path / "llm.gguf"
     writer = gguf.GGUFWriter(llm, "llama")
     for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 64), (writer.add_head_count, 4),
@@ -376,17 +403,21 @@ def test_memory_estimate_counts_the_converted_weights_held(tmp_path: Path) -> No
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
+    none, full = (estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=c)
+                  for c in (0, 2**30))
+    assert full.vision - none.vision == vision_weight_bytes(reader, size, 2**30)[1] - vision_weight_bytes(reader, size, 0)[1]
+    assert none.weights == llm.stat().st_size + vision_weight_bytes(reader, size, 0)[0]
 
-    encoder = NumpyVisionEncoder.from_gguf(mmproj, cache_bytes=2**30)
-    encoder.encode(np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
-    held = sum(a.nbytes for a in encoder._cache.values())
-    f16 = [t for t in gguf.GGUFReader(mmproj).tensors if t.tensor_type == gguf.GGMLQuantizationType.F16]
-    assert held == sum(4 * int(t.n_elements) for t in f16)
 
-    none = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=0)
-    full = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=2**30)
-    some = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, vision_cache_bytes=1000)
-    assert full.vision - none.vision == held
-    assert some.vision - none.vision == 1000
-    # without a cache: still a block's float16 weights in float32 (q, k, v, o 64x64; fc1, fc2 128x64)
-    assert none.vision > 4 * (4 * 64 * 64 + 2 * 128 * 64)
+def test_tiles_together_equal_tiles_alone(tmp_path: Path) -> None:
+    """An image's tiles go through the tower together, a layer at a time: each tile's features are
+    exactly what it gives alone, with or without the cache, on quantized weights too."""
+    case = Case(-2, SelectStrategy.DEFAULT, weights="q8_0")
+    path = tmp_path / "mmproj.gguf"
+    write_mmproj(path, store(gguf_tensors(tiny_llava(case), 2), "q8_0"), 2, case)
+    tiles = np.random.default_rng(4).standard_normal((3, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    together = NumpyVisionEncoder.from_gguf(path, cache_bytes=0).encode(tiles)
+    cached = NumpyVisionEncoder.from_gguf(path)
+    alone = np.concatenate([cached.encode(tiles[i:i + 1]) for i in range(3)])
+    np.testing.assert_array_equal(together, alone)
+    np.testing.assert_array_equal(cached.encode(tiles), together)

@@ -9,7 +9,7 @@ import numpy as np
 
 from llava_gguf.vision.weights import TowerLayout, VisionTowerConfig
 
-TileCallback = Callable[[int, int], None]  # (tiles done, tiles in all)
+TileCallback = Callable[[int, int], None]  # (tiles done, tiles in all); the model sends (0, n) first
 
 
 class VisionEncoder(Protocol):

@@ -98,12 +98,13 @@ class NumpyVisionEncoder(TowerShapes):
 
     @contextmanager
     def _layer(self) -> Iterator[None]:
-        """Converted weights outside the cache are kept until the block ends, for every tile."""
-        self._scope = {}
+        """Converted weights outside the cache are kept until the block ends, for every tile.
+        (An encoder runs one image at a time: the model's callers serialize.)"""
+        outer, self._scope = self._scope, {}
         try:
             yield
         finally:
-            self._scope = None
+            self._scope = outer
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         # x: [T, in] @ W.T: [in, out] -> [T, out]

@@ -8,6 +8,7 @@ Weights keep torch's shapes (``GGUFReader`` reverses ggml's ``ne`` order); linea
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,8 @@ from llava_gguf.metadata import NEWLINE_TENSORS, ClipKeys, GGUFFields, SelectStr
 PLAIN_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 ACTIVATION_NAMES = ("gelu", "quick_gelu")  # what the encoders compute: the projector's and CLIP's MLP's
 
+log = logging.getLogger(__name__)
+
 
 class GGUFTensors(Mapping[str, np.ndarray]):
     """The tensors of a GGUF file by name, in torch's shapes.
@@ -32,22 +35,37 @@ class GGUFTensors(Mapping[str, np.ndarray]):
 
     def __init__(self, reader: gguf.GGUFReader) -> None:
         self._tensors = {t.name: t for t in reader.tensors}
-        self._mapping = getattr(reader.data, "_mmap", None)  # the file mapping under every view
+        # the read-only shared file mapping under every view; dropping its pages loses nothing
+        # (a copy-on-write mapping's pages would be lost, so those are never dropped)
+        shared = getattr(reader.data, "mode", None) == "r"
+        self._mapping = getattr(reader.data, "_mmap", None) if shared and hasattr(mmap, "MADV_DONTNEED") else None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors  # without dequantizing, as Mapping's would
 
     def release_pages(self) -> None:
         """Drop the file's pages from this process's resident memory (the page cache keeps them)."""
-        if self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._mapping.madvise(mmap.MADV_DONTNEED)
+        if self._mapping is not None:
+            self._madvise(0, len(self._mapping))
 
     def release_tensor(self, name: str) -> None:
         """Drop one tensor's whole pages from resident memory, once it has been converted."""
-        if self._mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mapping is None:
             return
         t = self._tensors[name]
         start = -(-int(t.data_offset) // mmap.PAGESIZE) * mmap.PAGESIZE  # first whole page
         end = (int(t.data_offset) + int(t.n_bytes)) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start:
-            self._mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._madvise(start, end - start)
+
+    def _madvise(self, start: int, length: int) -> None:
+        """Only an optimisation: where the kernel refuses (locked memory...), pages stay resident."""
+        assert self._mapping is not None
+        try:
+            self._mapping.madvise(mmap.MADV_DONTNEED, start, length)
+        except OSError as e:
+            log.debug("pages of the mmproj stay resident: madvise refused (%s)", e)
+            self._mapping = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self._tensors[name]
