@@ -72,7 +72,7 @@ def run_convert(spec: Spec) -> dict[str, Any]:
 def _ours_model(llm: str, mmproj: str, spec: Spec, kv: str = "f16", prompt_cache_dir: str | None = None) -> Any:
     """The runtime as the CLI runs it; the prompt cache only where a figure is about it (elsewhere a
     restored prefix would stand in for the prefill being measured)."""
-    from llava_gguf.llama import KVCacheType, LlamaOptions
+    from llava_gguf.llm.llama import KVCacheType, LlamaOptions
     from llava_gguf.model import LlavaModel, RuntimeOptions
 
     llama = LlamaOptions(n_ctx=spec["n_ctx"], n_threads=spec["threads"], kv_cache_type=KVCacheType(kv),
@@ -83,8 +83,8 @@ def _ours_model(llm: str, mmproj: str, spec: Spec, kv: str = "f16", prompt_cache
 
 
 def _ours_answer(model: Any, question: str, images: list[bytes], max_tokens: int) -> dict[str, Any]:
+    from llava_gguf.llm.sampling import SamplingOptions
     from llava_gguf.model import GenerationOptions
-    from llava_gguf.sampling import SamplingOptions
 
     model.runtime.truncate(0)  # no KV prefix reuse between runs
     options = GenerationOptions(max_tokens=max_tokens, sampling=SamplingOptions(temperature=0))
@@ -359,8 +359,8 @@ def _llm_speeds(prefill: Callable[[list[int]], None], step: Callable[[int], None
 
 def run_llm_ours(spec: Spec) -> dict[str, Any]:
     """Our LLM runtime alone, with ``spec["repack"]`` (auto, on, off)."""
-    from llava_gguf.llama import LlamaOptions, LlamaRuntime
-    from llava_gguf.repack import RepackPolicy, choose_repack
+    from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime
+    from llava_gguf.llm.repack import RepackPolicy, choose_repack
 
     if spec["repack"] == "auto":
         choose_repack(spec["threads"])  # the machine's verdict, measured now if not cached: not in the load time

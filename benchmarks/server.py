@@ -34,7 +34,7 @@ import synth  # noqa: E402
 import uvicorn  # noqa: E402
 from runners import converted_llava15, png_bytes  # noqa: E402
 
-from llava_gguf.llama import LlamaOptions  # noqa: E402
+from llava_gguf.llm.llama import LlamaOptions  # noqa: E402
 from llava_gguf.model import LlavaModel, RuntimeOptions  # noqa: E402
 from llava_gguf.server.app import create_app  # noqa: E402
 from llava_gguf.server.service import ChatService, ServiceOptions  # noqa: E402

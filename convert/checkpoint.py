@@ -19,8 +19,8 @@ from typing import Any
 
 from llava_gguf.convert.names import Layout
 from llava_gguf.errors import CheckpointError
+from llava_gguf.llm.templates import Template
 from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings
-from llava_gguf.templates import Template
 
 log = logging.getLogger(__name__)
 

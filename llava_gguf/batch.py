@@ -130,7 +130,7 @@ def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptio
     answered: dict[tuple[str, str], dict[str, Any]] = {}
     decoder = None
     if parallel > 1:
-        from llava_gguf.parallel import ParallelDecoder
+        from llava_gguf.llm.parallel import ParallelDecoder
 
         decoder = ParallelDecoder(model, parallel)
     try:
@@ -154,8 +154,8 @@ def answer_tasks_together(model: LlavaModel, tasks: list[Task], options: Generat
                           decoder: Any) -> list[dict[str, Any]]:
     """Rows of several tasks whose answers are decoded together; tasks that fail before decoding (an
     unreadable image, a prompt too long) are error rows, in their place."""
-    from llava_gguf.sequence import sequence_length
-    from llava_gguf.templates import Message, Role, user_text
+    from llava_gguf.llm.sequence import sequence_length
+    from llava_gguf.llm.templates import Message, Role, user_text
 
     rows: list[dict[str, Any] | None] = []
     prompts, where, vision = [], [], []

@@ -32,17 +32,17 @@ from rich.table import Table
 
 from llava_gguf.disk_cache import cache_usage, clear_cache
 from llava_gguf.errors import LlavaGGUFError
-from llava_gguf.image import load_image
-from llava_gguf.llama import KVCacheType, LlamaOptions
+from llava_gguf.image.load import load_image
+from llava_gguf.llm.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.repack import RepackPolicy, choose_repack
+from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.sequence import display_ids
+from llava_gguf.llm.templates import Template
 from llava_gguf.memory import context_needed, estimate_memory
 from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
 from llava_gguf.paths import features_dir, history_file, models_dir, prompts_dir
-from llava_gguf.repack import RepackPolicy, choose_repack
 from llava_gguf.repl import ChatLoop, enable_history
-from llava_gguf.sampling import SamplingOptions
-from llava_gguf.sequence import display_ids
 from llava_gguf.sources import MODEL_ENV, ModelFiles, ModelRequest, resolve_model
-from llava_gguf.templates import Template
 from llava_gguf.vision import DEFAULT_CACHE_BYTES
 
 F = TypeVar("F", bound=Callable[..., Any])

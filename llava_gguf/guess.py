@@ -17,7 +17,7 @@ from typing import Any
 
 import gguf
 
-from llava_gguf.templates import Template
+from llava_gguf.llm.templates import Template
 
 IM_START = "<|im_start|>"
 # (marker in a template text, template), the first match wins

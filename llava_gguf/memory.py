@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gguf
 
-from llava_gguf.llama import KVCacheType
+from llava_gguf.llm.llama import KVCacheType
 from llava_gguf.metadata import GGUFFields, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens
 from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES

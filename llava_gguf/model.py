@@ -23,17 +23,17 @@ from PIL import Image
 from llava_gguf.errors import GGUFFormatError, ImageError, ModelLoadError, PromptError
 from llava_gguf.feature_cache import FeatureCache
 from llava_gguf.guess import TemplateGuess, guess_template
-from llava_gguf.image import ImageSource, image_digest, load_image
-from llava_gguf.llama import LlamaOptions, LlamaRuntime
+from llava_gguf.image.load import ImageSource, image_digest, load_image
+from llava_gguf.image.preprocess import preprocess
+from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime
+from llava_gguf.llm.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
+from llava_gguf.llm.prompt_cache import PromptCache
+from llava_gguf.llm.sampling import Sampler, SamplingOptions
+from llava_gguf.llm.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
+from llava_gguf.llm.templates import Message, Role, Template, render, user_text
 from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.paths import prompts_dir
-from llava_gguf.preprocess import preprocess
-from llava_gguf.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
-from llava_gguf.prompt_cache import PromptCache
-from llava_gguf.sampling import Sampler, SamplingOptions
-from llava_gguf.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
-from llava_gguf.templates import Message, Role, Template, render, user_text
 from llava_gguf.vision import DEFAULT_CACHE_BYTES, VisionEncoder
 from llava_gguf.vision.choose import EncoderChoice, choose_encoder
 

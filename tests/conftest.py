@@ -60,7 +60,7 @@ def seed_probe_cache(root: Path) -> None:
     """Give a fresh cache root the encoders' probe verdicts, computed once per session (each ggml
     probe runs a CLIP-L-wide block through two encoders, about a second), for the thread counts the
     tests use."""
-    from llava_gguf.repack import choose_repack
+    from llava_gguf.llm.repack import choose_repack
     from llava_gguf.vision.choose import probe_ggml
     from llava_gguf.vision.ggml_lib import load_ggml
     from llava_gguf.vision.mtmd_encoder import probe_mtmd

@@ -18,8 +18,8 @@ from test_runtime import EXACT, random_image
 
 from llava_gguf.batch import JsonlOutput, collect_tasks, run_batch
 from llava_gguf.cli import main
+from llava_gguf.llm.sampling import SamplingOptions
 from llava_gguf.model import GenerationOptions, LlavaModel
-from llava_gguf.sampling import SamplingOptions
 
 EXACT_ARGS = ["--kv-cache-type", "f32", "--flash-attn", "off", "-t", "1", "--temp", "0", "-n", "8",
               "--encoder", "numpy"]

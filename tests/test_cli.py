@@ -19,12 +19,12 @@ from test_runtime import random_image, reference_run
 from llava_gguf.cli import main
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
 from llava_gguf.errors import ImageError, ModelLoadError
-from llava_gguf.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.sequence import IMAGE_TOKEN_INDEX
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import GenerationOptions, LlavaModel, RuntimeOptions
-from llava_gguf.sampling import SamplingOptions
-from llava_gguf.sequence import IMAGE_TOKEN_INDEX
 from llava_gguf.sources import pick_gguf_files
-from llava_gguf.templates import Message, Role, user_text
 
 EXACT_ARGS = ["--kv-cache-type", "f32", "--flash-attn", "off", "-t", "1"]
 EXACT = RuntimeOptions(llama=LlamaOptions(kv_cache_type=KVCacheType.F32, flash_attn=False, n_threads=1))

@@ -20,9 +20,9 @@ from test_cli import EXACT_ARGS, QUESTION, json_of, one_error_line, run
 from test_runtime import EXACT, GREEDY, random_image
 
 from llava_gguf.errors import GGUFFormatError, ModelLoadError
+from llava_gguf.llm.templates import Message, Role, Template, user_text
 from llava_gguf.metadata import ImageMode, Layout, VisionSettings, read_gguf
 from llava_gguf.model import LlavaModel, RuntimeOptions
-from llava_gguf.templates import Message, Role, Template, user_text
 
 # (LLaVA version, LLM, mmproj storage, key set, newline tensor name)
 CASES = [

@@ -18,8 +18,8 @@ from original_llava import OriginalLlava
 from test_runtime import EXACT, GREEDY, random_image, reference_features, reference_run
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import LlavaModel, RuntimeOptions
-from llava_gguf.templates import Message, Role, user_text
 from llava_gguf.vision import ggml_lib
 from llava_gguf.vision.choose import EncoderChoice, choose_encoder, probe_ggml
 from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder

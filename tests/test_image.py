@@ -15,7 +15,7 @@ from transformers.image_transforms import convert_to_rgb as ref_convert_to_rgb
 from transformers.image_utils import load_image as ref_load_image
 
 from llava_gguf.errors import ImageError
-from llava_gguf.image import image_digest, load_image
+from llava_gguf.image.load import image_digest, load_image
 from llava_gguf.metadata import ImageMode, VisionSettings
 
 RNG_SEED = 0

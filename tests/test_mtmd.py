@@ -23,9 +23,9 @@ from PIL import Image
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
 from llava_gguf.errors import ImageError
-from llava_gguf.llama import LlamaRuntime
+from llava_gguf.image.preprocess import normalize_tile, preprocess
+from llava_gguf.llm.llama import LlamaRuntime
 from llava_gguf.metadata import VisionSettings, read_gguf
-from llava_gguf.preprocess import normalize_tile, preprocess
 from llava_gguf.vision import NumpyVisionEncoder
 from llava_gguf.vision.choose import choose_encoder
 from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder

@@ -14,10 +14,10 @@ from original_llava import OriginalLlava, load_module
 from test_runtime import EXACT, GREEDY, random_image
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+from llava_gguf.llm.templates import Message, Role, Template, render, user_text
 from llava_gguf.metadata import ImageMode, Layout, VisionSettings
 from llava_gguf.model import LlavaModel
 from llava_gguf.packing import count_image_tokens
-from llava_gguf.templates import Message, Role, Template, render, user_text
 
 REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # liuhaotian's config.json
 # (width, height): both sides <= 336 (pinpoint tie), 1-px thin, sizes whose unpad rounding differs, ordinary

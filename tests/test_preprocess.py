@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaNextImageProcessorPil
 
+from llava_gguf.image.preprocess import preprocess
 from llava_gguf.metadata import ImageMode, VisionSettings
-from llava_gguf.preprocess import preprocess
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

@@ -18,8 +18,8 @@ from conftest import seed_probe_cache
 from PIL import Image
 from test_runtime import EXACT, GREEDY, random_image, reference_run
 
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import LlavaModel, RuntimeOptions
-from llava_gguf.templates import Message, Role, user_text
 
 QUESTION = "What is in the picture?"
 
@@ -105,7 +105,7 @@ def test_a_truncated_or_corrupt_entry_is_removed_and_never_loaded(pair, tmp_path
     data = entry.read_bytes()
     for damaged, why in ((data[: len(data) // 2], "truncated"), (data[:-10] + b"\0" * 10, "checksum")):
         entry.write_bytes(damaged)
-        with caplog.at_level(logging.WARNING, logger="llava_gguf.prompt_cache"):
+        with caplog.at_level(logging.WARNING, logger="llava_gguf.llm.prompt_cache"):
             caplog.clear()
             model, tokens = ask(llm, mmproj, cached(tmp_path), QUESTION, [image])
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -120,7 +120,7 @@ def test_an_unwritable_cache_directory_runs_without_caching(pair, tmp_path: Path
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     image = random_image(90, 50, seed=28)
-    with caplog.at_level(logging.WARNING, logger="llava_gguf.prompt_cache"):
+    with caplog.at_level(logging.WARNING, logger="llava_gguf.llm.prompt_cache"):
         model, tokens = ask(llm, mmproj, cached(blocker / "prompts"), QUESTION, [image])
         "".join(model.chat().send("Again?", [image], GREEDY))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from llama_cpp import _logger as llama_logger
 
-from llava_gguf import repack
-from llava_gguf.llama import LlamaOptions, LlamaRuntime
-from llava_gguf.repack import PROBE_FILE, RepackPolicy, Speeds, choose_repack, decide, probe_key, write_probe_model
+from llava_gguf.llm import repack
+from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime
+from llava_gguf.llm.repack import PROBE_FILE, RepackPolicy, Speeds, choose_repack, decide, probe_key, write_probe_model
 
 
 @pytest.fixture(scope="module")

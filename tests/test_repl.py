@@ -19,10 +19,10 @@ from rich.console import Console
 from test_runtime import random_image
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
-from llava_gguf.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.sampling import SamplingOptions
 from llava_gguf.model import GenerationOptions, LlavaModel, RuntimeOptions
 from llava_gguf.repl import ChatLoop
-from llava_gguf.sampling import SamplingOptions
 
 # ---------------------------------------------------------------- the loop, model-agnostic
 

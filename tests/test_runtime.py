@@ -12,10 +12,10 @@ from checkpoints import TinyCheckpoint
 from PIL import Image
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
-from llava_gguf.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.llama import KVCacheType, LlamaOptions
+from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import EncoderChoice, GenerationOptions, LlavaModel, RuntimeOptions
-from llava_gguf.sampling import SamplingOptions
-from llava_gguf.templates import Message, Role, user_text
 
 CASES = [
     pytest.param(("1.5", "llava-hf", "llama"), id="hf-1.5"),
@@ -274,3 +274,19 @@ def test_context_grows_with_the_conversation(pair) -> None:
     assert model.runtime.n_ctx >= model.timings.n_prompt_tokens + GREEDY.max_tokens
     _, ref_tokens, _ = reference_run(ckpt, chat.last_prompt, images)
     assert chat.last_tokens == ref_tokens
+
+
+def test_the_readme_api_imports_from_the_package() -> None:
+    """The README's `from llava_gguf import ...` gives the runtime's own classes; importing the
+    package alone (as the converter and the errors do) does not load llama.cpp."""
+    import subprocess
+    import sys
+
+    import llava_gguf
+
+    assert llava_gguf.LlavaModel is LlavaModel and llava_gguf.RuntimeOptions is RuntimeOptions
+    assert llava_gguf.GenerationOptions is GenerationOptions and llava_gguf.SamplingOptions is SamplingOptions
+    assert llava_gguf.LlamaOptions is LlamaOptions and llava_gguf.KVCacheType is KVCacheType
+    assert set(llava_gguf.__all__) >= {"LlavaModel", "RuntimeOptions", "GenerationOptions", "LlamaOptions"}
+    code = "import sys, llava_gguf, llava_gguf.errors; print('llama_cpp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -20,12 +20,12 @@ import uvicorn
 from PIL import Image
 from test_runtime import EXACT, random_image, reference_run
 
+from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import GenerationOptions, LlavaModel
-from llava_gguf.sampling import SamplingOptions
 from llava_gguf.server.app import AppOptions, create_app
 from llava_gguf.server.images import ImagePolicy
 from llava_gguf.server.service import ChatService, ServiceOptions
-from llava_gguf.templates import Message, Role, user_text
 
 NAME = "tiny-llava"
 QUESTION = "What is in the picture?"

@@ -15,10 +15,10 @@ from test_runtime import EXACT, GREEDY, random_image, reference_run
 
 from llava_gguf.convert import ConvertOptions, ConvertResult, MmprojType, Quant, convert_checkpoint
 from llava_gguf.errors import PromptError
-from llava_gguf.llama import LlamaRuntime
+from llava_gguf.llm.llama import LlamaRuntime
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.metadata import GGUFFields, LlavaKeys, read_gguf
 from llava_gguf.model import LlavaModel
-from llava_gguf.templates import Message, Role, user_text
 
 ARRANGEMENTS = [
     pytest.param(("llava-hf", "both"), id="hf-model+json"),

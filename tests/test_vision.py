@@ -21,7 +21,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from llava_gguf.convert.names import Layout, block_index, canonical_name, gguf_name, is_vision
 from llava_gguf.errors import GGUFFormatError, ImageError
-from llava_gguf.llama import KVCacheType
+from llava_gguf.llm.llama import KVCacheType
 from llava_gguf.memory import estimate_memory, vision_weight_bytes
 from llava_gguf.metadata import ClipKeys, ImageMode, SelectStrategy, VisionSettings
 from llava_gguf.vision import GGUFTensors, NumpyVisionEncoder, gelu, load_mmproj_tensors, quick_gelu

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from llava_gguf.errors import ContextOverflowError, ImageError, LlavaGGUFError, PromptError
+from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import GenerationOptions, LlavaModel
-from llava_gguf.sampling import SamplingOptions
 from llava_gguf.server.images import ImagePolicy, image_bytes
 from llava_gguf.server.protocol import ChatCompletionRequest, RequestError, usage
-from llava_gguf.templates import Message, Role, user_text
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ from llava_gguf.convert.mmproj import MmprojType, write_mmproj
 from llava_gguf.convert.names import Layout
 from llava_gguf.convert.tensors import TensorRef, TensorStore
 from llava_gguf.errors import ImageError, ModelLoadError
+from llava_gguf.image.preprocess import normalize_tile
+from llava_gguf.llm.templates import Template
 from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings, read_gguf
-from llava_gguf.preprocess import normalize_tile
-from llava_gguf.templates import Template
 from llava_gguf.vision.encoder import TileCallback
 from llava_gguf.vision.numpy_encoder import NumpyVisionEncoder
 from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_cache

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llava_gguf.errors import PromptError
-from llava_gguf.llama import LlamaRuntime
+from llava_gguf.llm.llama import LlamaRuntime
+from llava_gguf.llm.templates import IMAGE_PLACEHOLDER
 from llava_gguf.metadata import TokenizeMode
-from llava_gguf.templates import IMAGE_PLACEHOLDER
 
 # LLaVA's own code marks an image's place in input_ids with this value.
 IMAGE_TOKEN_INDEX = -200

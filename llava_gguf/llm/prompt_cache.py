@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_gguf.disk_cache import evict_lru
-from llava_gguf.sequence import ImageSlot, Item
+from llava_gguf.llm.sequence import ImageSlot, Item
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import numpy as np
 from llama_cpp import _internals
 
 from llava_gguf.errors import ContextOverflowError, ModelLoadError
+from llava_gguf.llm.sampling import Sampler
+from llava_gguf.llm.sequence import ImageSlot, Item, sequence_length
 from llava_gguf.model import GenerationOptions, LlavaModel
-from llava_gguf.sampling import Sampler
-from llava_gguf.sequence import ImageSlot, Item, sequence_length
 
 
 @dataclass

@@ -13,7 +13,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from llava_gguf.image import convert_to_rgb, is_plain_rgb
+from llava_gguf.image.load import convert_to_rgb, is_plain_rgb
 from llava_gguf.metadata import ImageMode, VisionSettings
 from llava_gguf.packing import select_best_resolution
 

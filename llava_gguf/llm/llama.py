@@ -15,8 +15,8 @@ import numpy as np
 from llama_cpp import _internals
 
 from llava_gguf.errors import ContextOverflowError, ModelLoadError
-from llava_gguf.repack import RepackPolicy, choose_repack
-from llava_gguf.tokenizer import Tokenizer
+from llava_gguf.llm.repack import RepackPolicy, choose_repack
+from llava_gguf.llm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 # llama.cpp's own log goes through this logger; keep it quiet unless asked.
