@@ -103,48 +103,53 @@ def answer_task(model: LlavaModel, task: Task, options: GenerationOptions) -> di
 
 
 def unique_tasks(tasks: list[Task]) -> list[Task]:
-    """The first task of each (content, prompt), in order."""
-    return list({task.key: task for task in reversed(tasks)}.values())[::-1]
+    """The first task of each (content, prompt), in the order of first occurrence."""
+    first: dict[tuple[str, str], Task] = {}
+    for task in tasks:
+        first.setdefault(task.key, task)
+    return list(first.values())
+
+
+def copied_row(row: dict[str, Any], task: Task) -> dict[str, Any]:
+    """``row`` (an answer to the same content and prompt) as the row of ``task``, another name for it."""
+    return {**row, "path": task.path, "duplicate_of": row.get("duplicate_of", row["path"])}
 
 
 def with_duplicates(tasks: list[Task], rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """``rows`` of ``unique_tasks(tasks)`` (in any order), each followed by copies for the other tasks with
-    the same content and prompt (the same image under another name), marked ``duplicate_of``."""
+    """``rows`` of ``unique_tasks(tasks)`` (in any order, as they arrive), each followed at once by copies
+    for the other tasks with the same content and prompt (the same image under another name), marked
+    ``duplicate_of``: no row waits for another image's answer."""
     copies: dict[tuple[str, str], list[Task]] = {}
     for task in tasks:
         copies.setdefault(task.key, []).append(task)
     for row in rows:
         yield row
-        key = (row.get("sha256") or f"unreadable:{row['path']}", row["prompt"])
-        for task in copies.get(key, [])[1:]:
-            yield {**row, "path": task.path, "duplicate_of": row["path"]}
+        for task in copies.get(row_key(row), [])[1:]:
+            yield copied_row(row, task)
 
 
 def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptions,
               parallel: int = 1) -> Iterator[dict[str, Any]]:
-    """The rows of ``tasks``, in order, on one loaded model; a file whose content was answered earlier in
-    the run (the same image under another name) gets that answer, marked ``duplicate_of``. ``parallel``:
-    answers decoded together, that many at a time (``parallel.ParallelDecoder``)."""
+    """The rows of ``tasks`` as their answers arrive: each content is answered once, at its first task,
+    and the other tasks with that content and prompt (the same image under another name) follow its row
+    at once, marked ``duplicate_of``. ``parallel``: answers decoded together, that many at a time
+    (``parallel.ParallelDecoder``)."""
     tasks = list(tasks)
-    unique = unique_tasks(tasks)
-    answered: dict[tuple[str, str], dict[str, Any]] = {}
+    return with_duplicates(tasks, _answer_unique(model, unique_tasks(tasks), options, parallel))
+
+
+def _answer_unique(model: LlavaModel, unique: list[Task], options: GenerationOptions,
+                   parallel: int) -> Iterator[dict[str, Any]]:
     decoder = None
     if parallel > 1:
         from llava_gguf.llm.parallel import ParallelDecoder
 
         decoder = ParallelDecoder(model, parallel)
     try:
-        emitted = 0
         for start in range(0, len(unique), parallel):
             group = unique[start : start + parallel]
-            rows = (answer_tasks_together(model, group, options, decoder) if decoder is not None
-                    else [answer_task(model, group[0], options)])
-            answered.update({task.key: row for task, row in zip(group, rows)})
-            while emitted < len(tasks) and tasks[emitted].key in answered:
-                row = answered[tasks[emitted].key]
-                yield row if row["path"] == tasks[emitted].path else {
-                    **row, "path": tasks[emitted].path, "duplicate_of": row["path"]}
-                emitted += 1
+            yield from (answer_tasks_together(model, group, options, decoder) if decoder is not None
+                        else [answer_task(model, group[0], options)])
     finally:
         if decoder is not None:
             decoder.close()
@@ -197,14 +202,23 @@ def answer_tasks_together(model: LlavaModel, tasks: list[Task], options: Generat
     return [row for row in rows if row is not None]
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, str]:
+    """The (content, prompt) a row answers, as ``Task.key``."""
+    return (row.get("sha256") or f"unreadable:{row.get('path')}", row.get("prompt", ""))
+
+
 class JsonlOutput:
     """Rows appended to a JSONL file, one complete line each, surviving interruption. ``done`` holds the
-    (content, prompt) keys it has rows for; error rows count only without ``retry_errors``."""
+    (content, prompt) keys it has rows for (error rows count only without ``retry_errors``); ``has_row``
+    says whether a task, by its path too, has a row, and ``copy_for`` makes the row of a task whose
+    content another path's row already answers (a renamed file, a duplicate whose copy a kill cut off)."""
 
     def __init__(self, path: Path, retry_errors: bool = False) -> None:
         self.path = path
         self.retry_errors = retry_errors
         self.done: set[tuple[str, str]] = set()
+        self._rows: set[tuple[str, tuple[str, str]]] = set()  # (path, key) of every counted row
+        self._offsets: dict[tuple[str, str], int] = {}  # key -> where the first counted row's line starts
         self._read_existing()
 
     def _read_existing(self) -> None:
@@ -215,21 +229,73 @@ class JsonlOutput:
         if len(complete) != len(data):
             with self.path.open("r+b") as f:
                 f.truncate(len(complete))
-        for line in complete.splitlines():
+        offset = 0
+        for line in complete.splitlines(keepends=True):
             try:
                 row = json.loads(line)
             except ValueError:
-                continue
-            if "error" not in row or not self.retry_errors:
-                self.done.add((row.get("sha256") or f"unreadable:{row.get('path')}", row.get("prompt", "")))
+                row = None
+            if isinstance(row, dict):
+                self._count(row, offset)
+            offset += len(line)
+
+    def _count(self, row: dict[str, Any], offset: int) -> None:
+        if "error" in row and self.retry_errors:
+            return
+        key = row_key(row)
+        self.done.add(key)
+        self._rows.add((str(row.get("path")), key))
+        self._offsets.setdefault(key, offset)
+
+    def has_row(self, task: Task) -> bool:
+        return (task.path, task.key) in self._rows
+
+    def copy_for(self, task: Task) -> dict[str, Any] | None:
+        """The row of ``task`` copied from the row this file holds for its content and prompt, or None."""
+        offset = self._offsets.get(task.key)
+        if offset is None:
+            return None
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            row = json.loads(f.readline())
+        return copied_row(row, task)
 
     def write(self, row: dict[str, Any]) -> None:
         line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self.path.open("ab") as f:
+            offset = f.tell()
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.done.add((row.get("sha256") or f"unreadable:{row['path']}", row["prompt"]))
+        self._count(row, offset)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a run does with its tasks: ``todo`` to answer, ``copied`` rows made at once from the
+    output's rows for the same content and prompt (a renamed file, a copy a kill cut off), and the
+    number of tasks ``skipped`` (their row or sidecar exists)."""
+
+    todo: list[Task]
+    copied: list[dict[str, Any]]
+    skipped: int
+
+
+def plan_batch(tasks: list[Task], output: JsonlOutput | None, sidecar: bool = False,
+               overwrite: bool = False) -> BatchPlan:
+    todo: list[Task] = []
+    copied: list[dict[str, Any]] = []
+    for task in tasks:
+        if output is not None and output.has_row(task):
+            continue
+        if output is None and sidecar and not overwrite and sidecar_path(task.path).exists():
+            continue
+        row = output.copy_for(task) if output is not None else None
+        if row is not None:
+            copied.append(row)
+        else:
+            todo.append(task)
+    return BatchPlan(todo, copied, len(tasks) - len(todo) - len(copied))
 
 
 def sidecar_path(image: str | Path) -> Path:

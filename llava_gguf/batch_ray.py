@@ -1,8 +1,8 @@
 """The batch on Ray Data: the task list as a dataset, mapped by a pool of actors that each load the model
 once and call the same ``answer_task`` as the local loop. Imported only for ``batch --ray``.
 
-Rows cross Ray as JSON strings (they nest lists and dicts); the driver yields them as they arrive
-and writes them, so resuming works as locally. An actor that dies is restarted and its work retried by
+Rows cross Ray as JSON strings (they nest lists and dicts); each task is a block of its own, so the
+driver yields each row as it arrives and writes it, and resuming works as locally. An actor that dies is restarted and its work retried by
 Ray; a task that still fails becomes an error row.
 """
 
@@ -17,6 +17,8 @@ from llava_gguf.batch import Task, answer_task
 from llava_gguf.errors import ModelLoadError
 from llava_gguf.model import GenerationOptions, LlavaModel, RuntimeOptions
 from llava_gguf.sources import ModelFiles
+
+MAX_BLOCKS = 10_000  # beyond it a block holds a few tasks: fewer objects for Ray to track
 
 
 class AnswerActor:
@@ -50,7 +52,10 @@ def run_batch_ray(tasks: list[Task], files: ModelFiles, runtime: RuntimeOptions,
                  ignore_reinit_error=True)
     threads = runtime.llama.n_threads or 1
     items = [{**asdict(task), "sha256": task.sha256 or ""} for task in tasks]
-    dataset = ray.data.from_items(items).map_batches(
+    # a block per task (up to MAX_BLOCKS): a row reaches the driver, and the output file, as soon as its
+    # answer exists, not when the rest of its block is done
+    blocks = max(1, min(len(items), MAX_BLOCKS))
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         AnswerActor, fn_constructor_kwargs={"files": files, "runtime": runtime, "generation": generation},
         batch_size=1, concurrency=workers, num_cpus=threads,
         max_restarts=2, max_task_retries=2,

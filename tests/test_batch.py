@@ -76,10 +76,17 @@ def test_a_folder_gives_every_row_once_errors_recorded_answers_as_ask(pair, fold
         assert ask.exit_code == 0, ask.output
         assert json.loads(ask.stdout)["tokens"] == row["tokens"]
         assert row["n_prompt_tokens"] > row["n_image_tokens"][0] and row["model"]["llm"] == llm.name
-    # a rerun holds nothing new: renamed files are known by their content
+    # a rerun answers nothing again: a renamed file is known by its content, its rows copied from the old name's
     (folder / "img1.png").rename(folder / "renamed.png")
     again = batch(pair, str(folder), "-p", PROMPTS[0], "-p", PROMPTS[1], "-o", str(out))
-    assert again.exit_code == 0 and rows_of(out) == rows
+    assert again.exit_code == 0, again.output
+    after = rows_of(out)
+    assert after[: len(rows)] == rows
+    renamed = {r["prompt"]: r for r in rows if r["path"] == str(folder / "img1.png")}
+    assert after[len(rows):] == [{**renamed[q], "path": str(folder / "renamed.png"),
+                                  "duplicate_of": str(folder / "img1.png")} for q in PROMPTS]
+    assert batch(pair, str(folder), "-p", PROMPTS[0], "-p", PROMPTS[1], "-o", str(out)).exit_code == 0
+    assert rows_of(out) == after
 
 
 def test_the_python_api_is_an_iterator_of_rows(pair, folder: Path) -> None:
@@ -117,6 +124,78 @@ def test_a_killed_run_resumes_with_each_row_once(pair, folder: Path, tmp_path: P
     keys = [(r["path"], r["prompt"]) for r in rows]
     assert len(keys) == len(set(keys)) == 7 * 4  # every (image, prompt) once, no partial line
     assert out.read_bytes().endswith(b"\n")
+
+
+@pytest.fixture()
+def copies_first(tmp_path: Path) -> Path:
+    """An image whose copies sort before and after it, and other images between."""
+    root = tmp_path / "dups"
+    root.mkdir()
+    random_image(40, 30, seed=90).save(root / "x.png")
+    for name in ("copy_of_x.png", "z_third_x.png"):
+        (root / name).write_bytes((root / "x.png").read_bytes())
+    for i in range(3):
+        random_image(30 + i, 20, seed=91 + i).save(root / f"img{i}.png")
+    return root
+
+
+def test_a_duplicate_never_holds_rows_back(pair, copies_first: Path) -> None:
+    """Each row comes as its answer does: the copies of an image follow its row at once, whichever name
+    sorts first (copy_of_x < img0..2 < x < z_third_x)."""
+    llm, mmproj = pair
+    model = LlavaModel(llm, mmproj, EXACT)
+    rows = run_batch(model, collect_tasks([copies_first], [PROMPTS[0]]),
+                     GenerationOptions(4, sampling=SamplingOptions(temperature=0)))
+    first, second, third = next(rows), next(rows), next(rows)
+    assert model.cache.misses == 1  # one image encoded so far: no row waited for the others
+    x = str(copies_first / "copy_of_x.png")
+    assert [first["path"], second["path"], third["path"]] == [
+        x, str(copies_first / "x.png"), str(copies_first / "z_third_x.png")]
+    assert second["duplicate_of"] == third["duplicate_of"] == x and second["tokens"] == first["tokens"]
+    rest = list(rows)
+    assert [Path(r["path"]).name for r in rest] == ["img0.png", "img1.png", "img2.png"]
+    assert model.cache.misses == 4 and not any("duplicate_of" in r for r in rest)
+
+
+@pytest.mark.parametrize("mode", [[], ["--parallel", "2"]], ids=["sequential", "parallel"])
+def test_a_run_killed_early_keeps_its_rows_with_a_duplicate_first(pair, copies_first: Path, tmp_path: Path,
+                                                                  mode: list[str]) -> None:
+    llm, mmproj = pair
+    out = tmp_path / "killed.jsonl"
+    for i in range(3, 9):  # more work behind the first answers
+        random_image(50, 40 + i, seed=100 + i).save(copies_first / f"img{i}.png")
+    cache = tmp_path / "cache"
+    seed_probe_cache(cache)
+    env = {**os.environ, "LLAVA_GGUF_CACHE": str(cache)}
+    command = [sys.executable, "-m", "llava_gguf.cli", "batch", str(copies_first), "-p", PROMPTS[0], "-o", str(out),
+               "--llm", str(llm), "--mmproj", str(mmproj), *EXACT_ARGS, "-q", *mode]
+    command[command.index("-n") + 1] = "100"
+    process = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and (not out.exists() or out.read_text().count("\n") < 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before any row was written"
+    kept = rows_of(out)
+    assert 3 <= len(kept) < 12 and {Path(r["path"]).name for r in kept[:3]} >= {"copy_of_x.png", "x.png"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = rows_of(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in copies_first.iterdir())  # every task once
+    assert rows[: len(kept)] == kept and out.read_bytes().endswith(b"\n")
+
+
+def test_a_copy_cut_off_by_a_kill_is_written_on_resume(pair, copies_first: Path, tmp_path: Path) -> None:
+    """A kill between an answer's row and its copy's: the rerun copies the row without answering again."""
+    out = tmp_path / "out.jsonl"
+    assert batch(pair, str(copies_first), "-p", PROMPTS[0], "-o", str(out)).exit_code == 0
+    rows = rows_of(out)
+    cut = [r for r in rows if Path(r["path"]).name != "z_third_x.png"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in cut))
+    again = batch(pair, str(copies_first), "-p", PROMPTS[0], "-o", str(out))
+    assert again.exit_code == 0, again.output
+    assert rows_of(out) == cut + [r for r in rows if Path(r["path"]).name == "z_third_x.png"]
 
 
 def test_a_partial_last_line_is_dropped(tmp_path: Path) -> None:

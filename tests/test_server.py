@@ -4,6 +4,7 @@ library's and transformers', usage is exact, the queue is bounded, bad requests 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import shutil
@@ -20,6 +21,8 @@ import uvicorn
 from PIL import Image
 from test_runtime import EXACT, random_image, reference_run
 
+from llava_gguf.errors import ImageError
+from llava_gguf.image.load import load_image
 from llava_gguf.llm.sampling import SamplingOptions
 from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import GenerationOptions, LlavaModel
@@ -313,6 +316,88 @@ def test_api_key_body_limit_and_local_files(tiny, tmp_path: Path) -> None:
         assert status == 413 and "limit of 4096 bytes" in error["error"]["message"]
     finally:
         running.stop()
+
+
+# ---------------------------------------------------------------- hostile requests
+
+
+def _still_serving(url: str) -> None:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        assert json.load(response)["status"] == "ok"
+    status, reply = _post(f"{url}/v1/chat/completions", _chat([{"role": "user", "content": "hi"}]))
+    assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant"
+
+
+def _error_message(got: int, error: dict, status: int) -> str:
+    """The message of an OpenAI-shaped error with ``status``."""
+    assert got == status and set(error) == {"error"} and {"message", "type", "param", "code"} == set(error["error"])
+    assert error["error"]["type"] == "invalid_request_error"
+    return error["error"]["message"]
+
+
+def test_json_nested_ten_thousand_deep_is_400(server) -> None:
+    body = b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"  # past Python's parser's recursion
+    got, error = _post(f"{server.url}/v1/chat/completions", body)
+    assert "nested too deeply" in _error_message(got, error, 400)
+    _still_serving(server.url)
+
+
+def _send_big_body(url: str, body: bytes, chunked: bool) -> tuple[int, dict]:
+    """POST ``body`` with ``Connection: close`` (as urllib sends it), all of it, then read the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        headers = {"Content-Type": "application/json", "Connection": "close"}
+        if chunked:  # no Content-Length: the server finds out by reading
+            pieces = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+            connection.request("POST", "/v1/chat/completions", pieces, headers, encode_chunked=True)
+        else:
+            connection.request("POST", "/v1/chat/completions", body, headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_70_mb_body_gets_its_413(server, chunked: bool) -> None:
+    got, error = _send_big_body(server.url, b"x" * (70 << 20), chunked)  # no reset: the client reads the 413
+    assert f"limit of {AppOptions().max_body_bytes} bytes" in _error_message(got, error, 413)
+    _still_serving(server.url)
+
+
+def test_a_declared_terabyte_is_refused_before_its_body(server) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:  # a client that waits for 100 Continue is answered from Content-Length alone, and never sends its body
+        connection.putrequest("POST", "/v1/chat/completions")
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(10**12)),
+                            ("Expect", "100-continue")):
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        message = _error_message(response.status, json.loads(response.read()), 413)
+        assert f"limit of {AppOptions().max_body_bytes} bytes" in message
+    finally:
+        connection.close()
+    _still_serving(server.url)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # 144 MP: over Pillow's 89 MP warning
+def test_an_image_of_144_megapixels_is_refused_from_its_header(server, tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000), 1).save(bomb, optimize=True)  # 18 MB in memory, 1 bit a pixel
+    assert bomb.stat().st_size < 150_000
+    uri = "data:image/png;base64," + base64.b64encode(bomb.read_bytes()).decode()
+    part = {"type": "image_url", "image_url": {"url": uri}}
+    got, error = _post(f"{server.url}/v1/chat/completions", _chat([{"role": "user", "content": [
+        part, {"type": "text", "text": "hi"}]}]))
+    message = _error_message(got, error, 400)
+    assert "12000x12000" in message and "limit of 100000000 pixels" in message and "--max-image-pixels" in message
+    assert error["error"]["param"] == "image_url"
+    _still_serving(server.url)
+    with pytest.raises(ImageError, match=r"12000x12000 \(144000000 pixels\), over the limit of 100000000"):
+        load_image(bomb, max_pixels=100_000_000)  # the library's own limit, also from the header
 
 
 # ---------------------------------------------------------------- the page

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,26 +326,49 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         NumpyVisionEncoder.from_gguf(not_clip)
 
 
-def _check_activation(ours: Callable[[np.ndarray], np.ndarray], theirs: torch.nn.Module) -> None:
-    x = np.concatenate(
+def _activation_inputs() -> np.ndarray:
+    return np.concatenate(
         [np.linspace(-40, 40, 200_001), np.random.default_rng(2).standard_normal(100_000) * 4]
     ).astype(np.float32)
-    expected = theirs(torch.from_numpy(x)).numpy()
-    got = ours(x.copy())
-    # torch rounds 1 + erf(x / sqrt 2) to float32, so near y = 0 it is off by about |x| * 3e-8;
-    # elsewhere both results are within float32 rounding of each other.
-    assert (np.abs(got - expected) / np.maximum(np.abs(x), 1.0)).max() <= 1e-6
-    large = np.abs(expected) >= 0.1
-    assert (np.abs(got - expected)[large] / np.abs(expected[large])).max() <= 1e-6
 
 
-def test_gelu_is_torch_exact_erf_gelu() -> None:
-    _check_activation(gelu, torch.nn.GELU())
+def _ulps(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """|got - exact| in units of float32's spacing at the exact value (float64), where that is normal;
+    0.5 is correct rounding. The bound holds on any CPU: it compares with exact arithmetic, not with
+    another library's kernels."""
+    normal = np.abs(exact) >= np.finfo(np.float32).tiny
+    spacing = np.spacing(np.abs(exact[normal]).astype(np.float32)).astype(np.float64)
+    return np.abs(got[normal].astype(np.float64) - exact[normal]) / spacing
+
+
+def _gelu_exact(x: np.ndarray) -> np.ndarray:
+    return np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.astype(np.float64).tolist()])
+
+
+def _quick_gelu_exact(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return x64 / (1.0 + np.exp(-1.702 * x64))
+
+
+def test_gelu_is_exact_erf_gelu_and_torch_within_its_own_spread() -> None:
+    """Ours is the exact erf GELU at float32 rounding. torch's GELU rounds 1 + erf(x / sqrt 2) to float32
+    and its vector kernels differ between CPUs (AVX2 and AVX-512 measured 1.23e-6 and under 1e-6 relative
+    apart from ours): it is checked against the same exact values, with its own, looser spread."""
+    x = _activation_inputs()
+    exact = _gelu_exact(x)
+    assert _ulps(gelu(x.copy()), exact).max() <= 0.5 + 1e-3
+    theirs = torch.nn.GELU()(torch.from_numpy(x)).numpy()
+    # torch near y = 0 is off by about |x| * 2^-24 (the rounding of 1 + erf): absolute, scaled by |x|
+    # measured (AVX-512): 3.3e-7 and 6.8e-7; AVX2's kernel is 1.23e-6 from ours
+    assert (np.abs(theirs - exact) / np.maximum(np.abs(x), 1.0)).max() <= 1e-5
+    large = np.abs(exact) >= 0.1
+    assert (np.abs(theirs - exact)[large] / np.abs(exact[large])).max() <= 1e-5
 
 
 def test_gelu_against_math_erfc() -> None:
     x = np.linspace(-14, 8, 100_001).astype(np.float32)
-    exact = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x.tolist()]).astype(np.float32)
+    exact = _gelu_exact(x).astype(np.float32)
     got = gelu(x)
     tiny = np.abs(exact) < 1e-37  # float32 denormals
     rel = np.abs(got - exact)[~tiny] / np.abs(exact[~tiny])
@@ -354,12 +376,20 @@ def test_gelu_against_math_erfc() -> None:
 
 
 def test_quick_gelu_matches_clip() -> None:
-    class QuickGELU(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.sigmoid(1.702 * x)
-
+    """CLIP's x * sigmoid(1.702 x) in float32 arithmetic: a few roundings from the exact value (float64),
+    as torch's is (its spread differs between CPUs, so both are held to the exact value)."""
+    x = _activation_inputs()
+    exact = _quick_gelu_exact(x)
     with np.errstate(over="ignore"):
-        _check_activation(quick_gelu, QuickGELU())
+        ours = quick_gelu(x.copy())
+    theirs = (torch.from_numpy(x) * torch.sigmoid(1.702 * torch.from_numpy(x))).numpy()
+    large = np.abs(exact) >= 1e-3
+    # measured (AVX-512): ours 8.5, torch 8.9 ULPs, mostly the rounding of 1.702 x near x = -5 where
+    # exp(1.702 x) amplifies it; exp's vector kernels differ by a few ULPs between CPUs
+    assert _ulps(ours[large], exact[large]).max() <= 32
+    assert _ulps(theirs[large], exact[large]).max() <= 64
+    scale = np.maximum(np.abs(x), 1.0)  # near 0 and in the negative tail: absolute, scaled by |x|
+    assert (np.abs(ours - exact) / scale).max() <= 1e-6 and (np.abs(theirs - exact) / scale).max() <= 1e-6
 
 
 class _PeakHeld(NumpyVisionEncoder):

@@ -10,7 +10,8 @@ Decisions:
 * EXIF orientation is applied (``ImageOps.exif_transpose``); animated images give their first frame.
 * Pillow's decompression-bomb guard stays on: above ``2 * Image.MAX_IMAGE_PIXELS`` pixels Pillow
   refuses and we raise `ImageError`; between 1x and 2x Pillow only emits its
-  ``DecompressionBombWarning`` through Python's warnings and the image loads.
+  ``DecompressionBombWarning`` through Python's warnings and the image loads. ``max_pixels`` sets a
+  limit of one's own for encoded images (paths and bytes), checked from the header before decoding.
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, Image.Image, np.ndarray]
 DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
 
 
-def load_image(source: ImageSource, *, composite_alpha: bool = True) -> Image.Image:
-    """Read `source` (a path, encoded bytes, a PIL image or a numpy array) into an RGB PIL image."""
+def load_image(source: ImageSource, *, composite_alpha: bool = True, max_pixels: int | None = None) -> Image.Image:
+    """Read `source` (a path, encoded bytes, a PIL image or a numpy array) into an RGB PIL image; encoded images
+    of more than `max_pixels` pixels are refused before decoding."""
     if isinstance(source, np.ndarray):
         return image_from_array(source, composite_alpha=composite_alpha)
     if isinstance(source, Image.Image):
         image = orient_image(source, name="PIL image")
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = decode_image(io.BytesIO(bytes(source)), name="image bytes")
+        image = decode_image(io.BytesIO(bytes(source)), name="image bytes", max_pixels=max_pixels)
     elif isinstance(source, (str, os.PathLike)):
-        image = open_image_file(source)
+        image = open_image_file(source, max_pixels=max_pixels)
     else:
         raise ImageError(
             f"unsupported image source of type {type(source).__name__}; "
@@ -54,19 +56,22 @@ def load_image(source: ImageSource, *, composite_alpha: bool = True) -> Image.Im
     return convert_to_rgb(image, composite_alpha=composite_alpha)
 
 
-def open_image_file(path: str | os.PathLike[str]) -> Image.Image:
+def open_image_file(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            return decode_image(f, name=name)
+            return decode_image(f, name=name, max_pixels=max_pixels)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise ImageError(f"{name}: cannot read image file ({e.strerror}); check the path") from e
 
 
-def decode_image(fp: IO[bytes], name: str) -> Image.Image:
+def decode_image(fp: IO[bytes], name: str, max_pixels: int | None = None) -> Image.Image:
     """Decode the first frame of an encoded image, fully, with EXIF orientation applied."""
     try:
-        with Image.open(fp) as image:
+        with Image.open(fp) as image:  # reads the header only
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageError(f"{name}: image is {image.width}x{image.height} ({image.width * image.height} "
+                                 f"pixels), over the limit of {max_pixels} pixels; downscale it first")
             return orient_image(image, name=name)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image is too large to decode safely ({e}); downscale it first") from e

@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -53,19 +53,7 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
             raise RequestError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key")
 
     async def body_json(request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > options.max_body_bytes:
-            raise RequestError(413, f"request body over the server's limit of {options.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > options.max_body_bytes:
-                raise RequestError(413, f"request body over the server's limit of {options.max_body_bytes} bytes")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except ValueError as e:
-            raise RequestError(400, f"the body is not valid JSON ({e})") from e
+        return protocol.decode_json(await read_body(request, options.max_body_bytes))
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -178,6 +166,43 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
         Route("/", page, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to pass ``limit`` bytes: from Content-Length before reading any
+    of it, else (chunked) at the chunk that passes it.
+
+    A refused body is read on and dropped, up to another ``limit`` bytes, before the answer: uvicorn closes the
+    connection right after it when the client sent ``Connection: close`` (urllib does), and a socket closed with
+    unread data is reset, so a client still sending would get a reset in place of the 413. A client that waits for
+    ``100 Continue`` has sent nothing and is answered at once; one that declares more than twice the limit too.
+    """
+    too_large = RequestError(413, f"request body over the server's limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        if int(declared) <= 2 * limit and "100-continue" not in request.headers.get("expect", "").lower():
+            await _drop(request.stream(), 2 * limit)
+        raise too_large
+    stream = request.stream()
+    chunks, size = [], 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            await _drop(stream, 2 * limit - size)
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drop(stream: AsyncIterator[bytes], budget: int) -> None:
+    """Read and discard the rest of a refused body, at most ``budget`` more bytes."""
+    try:
+        async for chunk in stream:
+            budget -= len(chunk)
+            if budget < 0:
+                return
+    except ClientDisconnect:
+        return
 
 
 def _event(payload: dict[str, Any]) -> str:

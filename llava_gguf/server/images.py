@@ -1,11 +1,13 @@
 """Images named in a request, as bytes, within the server's limits: ``data:`` URIs always; local files
 only under an allowed directory; remote http(s) URLs only when allowed, never to loopback, private
-or link-local addresses, with size and time limits."""
+or link-local addresses, with size and time limits; and never more pixels than allowed, read from the
+image's header before anything decodes it (a 20 KB PNG can hold 144 million pixels)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import ipaddress
 import socket
 import urllib.parse
@@ -13,6 +15,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
+from llava_gguf.image.load import DECODE_ERRORS
 from llava_gguf.server.protocol import RequestError
 
 
@@ -23,10 +28,34 @@ class ImagePolicy:
     allow_remote: bool = False
     allowed_dirs: tuple[Path, ...] = ()
     remote_timeout_s: float = 10.0
+    max_pixels: int = 100_000_000  # width * height, from the header; decoding costs ~3 bytes a pixel and more
 
 
 def image_bytes(url: str, policy: ImagePolicy) -> bytes:
     """The bytes an ``image_url`` names, or a 400 ``RequestError`` saying why not."""
+    data = _fetch(url, policy)
+    _check_pixels(data, policy)
+    return data
+
+
+def _check_pixels(data: bytes, policy: ImagePolicy) -> None:
+    """Refuse an image whose header declares more than ``policy.max_pixels`` pixels; ``Image.open`` reads only
+    the header. Data that is no image passes: the decoder says what is wrong with it."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as e:  # over twice Pillow's MAX_IMAGE_PIXELS: refused at the header
+        raise RequestError(400, f"image is too large to decode safely ({e}); the server's limit is "
+                                f"{policy.max_pixels} pixels (--max-image-pixels)", param="image_url") from e
+    except (UnidentifiedImageError, *DECODE_ERRORS):
+        return
+    if width * height > policy.max_pixels:
+        raise RequestError(400, f"image is {width}x{height} ({width * height} pixels), over the server's limit of "
+                                f"{policy.max_pixels} pixels (--max-image-pixels); downscale it first",
+                           param="image_url")
+
+
+def _fetch(url: str, policy: ImagePolicy) -> bytes:
     if url.startswith("data:"):
         return _data_uri(url, policy)
     scheme = urllib.parse.urlsplit(url).scheme.lower()

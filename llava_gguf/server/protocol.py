@@ -3,6 +3,8 @@ built in one place each."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 import uuid
 from typing import Any, Literal
@@ -73,9 +75,24 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+TOO_DEEP = f"the body's JSON is nested too deeply to parse (Python's parser stops near {sys.getrecursionlimit()} levels)"
+
+
+def decode_json(body: bytes) -> Any:
+    """The body's JSON, or a 400: not JSON, or nested deeper than Python's parser recurses."""
+    try:
+        return json.loads(body)
+    except RecursionError as e:
+        raise RequestError(400, TOO_DEEP) from e
+    except ValueError as e:
+        raise RequestError(400, f"the body is not valid JSON ({e})") from e
+
+
 def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
+    except RecursionError as e:
+        raise RequestError(400, TOO_DEEP) from e
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

@@ -1,0 +1,3 @@
+from llava_gguf.cli import main
+
+main()
