@@ -14,7 +14,7 @@ from llava_gguf.convert.mmproj import MmprojType, plan_mmproj_tensors, write_mmp
 from llava_gguf.convert.quantize import Quant, quantize_gguf
 from llava_gguf.convert.source import is_repo_id, resolve_source
 from llava_gguf.convert.tensors import TensorStore
-from llava_gguf.convert.writer import ProgressCallback, atomic_output, check_writable, scratch_file
+from llava_gguf.convert.writer import ProgressCallback, atomic_output, check_writable, scratch_file, sweep_output
 from llava_gguf.errors import CheckpointError
 
 __all__ = ["ConvertOptions", "ConvertResult", "MmprojType", "Quant", "convert_checkpoint", "read_checkpoint"]
@@ -52,10 +52,12 @@ def convert_checkpoint(
     """Convert ``source`` (a local directory or a Hub repo id) into ``out_dir``.
 
     ``progress(description, done_bytes, total_bytes)`` is called after each tensor written.
-    Both files appear only when both are complete.
+    Both files appear only when both are complete; partial files that earlier conversions which died
+    left in ``out_dir`` are removed first.
     """
     out = Path(out_dir).expanduser()
     check_writable(out)
+    sweep_output(out)
     path = resolve_source(source, revision=options.revision)
 
     def resolve_tower(tower: str) -> Path:

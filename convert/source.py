@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from llava_gguf.errors import CheckpointError
-from llava_gguf.hub import hub_errors
+from llava_gguf.hub import hub_errors, offline_reason
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,8 @@ def is_repo_id(source: str) -> bool:
 def resolve_source(source: str | Path, *, revision: str | None = None, weights: bool = True) -> Path:
     """A local directory holding the checkpoint (downloading only the needed files from the Hub).
 
-    ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured by huggingface_hub itself.
+    ``HF_TOKEN`` is honoured by huggingface_hub itself; offline (``HF_HUB_OFFLINE``, or the Hub not
+    answering) only the Hugging Face cache is used.
     """
     path = Path(source).expanduser()
     if path.exists():
@@ -44,5 +45,7 @@ def resolve_source(source: str | Path, *, revision: str | None = None, weights: 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     import huggingface_hub
 
+    offline = offline_reason() is not None  # HF_HUB_OFFLINE, or the Hub does not answer: cached files only
     with hub_errors(repo_id, CheckpointError, revision=revision):
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                                      local_files_only=offline))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ import gguf
 import numpy as np
 
 from llava_gguf.errors import ConversionError
+from llava_gguf.partial import atomic_file, open_partial, sweep
+
+log = logging.getLogger(__name__)
 
 # Called after each tensor: (tensor name, bytes written so far, total bytes)
 ProgressCallback = Callable[[str, int, int], None]
@@ -86,28 +90,29 @@ def check_writable(directory: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` only if the block succeeds."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
+    """Yield a partial file's path beside ``final``; rename it to ``final`` only if the block succeeds.
+    The partial file is locked meanwhile, so a later run sweeps it only if this one dies."""
     try:
-        yield tmp
-        os.replace(tmp, final)
+        with atomic_file(final) as partial:
+            yield partial.path
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
             raise ConversionError(f"no space left on the device while writing {final}; free some space") from e
         if isinstance(e, PermissionError):
             raise ConversionError(f"cannot write {final}: permission denied; choose another --out") from e
         raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
 def scratch_file(directory: Path, name: str) -> Iterator[Path]:
-    """A temporary file in ``directory``, removed when the block ends, however it ends."""
-    tmp = directory / f".{name}.{os.getpid()}.partial"
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
+    """A locked partial file in ``directory``, removed when the block ends, however it ends."""
+    with open_partial(directory / name) as partial:
+        yield partial.path
+
+
+def sweep_output(directory: Path) -> None:
+    """Remove what conversions that died in ``directory`` left there (their partial files)."""
+    removed = sweep(directory)
+    if removed.files:
+        log.info("removed %d partial files (%d bytes) of interrupted writes in %s", removed.files, removed.bytes,
+                 directory)

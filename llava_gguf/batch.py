@@ -24,6 +24,7 @@ from typing import Any
 
 from llava_gguf.errors import LlavaGGUFError
 from llava_gguf.model import GenerationOptions, LlavaModel
+from llava_gguf.partial import sweep_once, write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LIST_SUFFIXES = {".txt", ".lst"}
@@ -309,7 +310,6 @@ def write_sidecar(row: dict[str, Any], overwrite: bool = False) -> bool:
     path = sidecar_path(row["path"])
     if path.exists() and not overwrite:
         return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(row["answer"].strip() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    sweep_once(path.parent)  # partial sidecars that a killed run left there
+    write_atomic(path, (row["answer"].strip() + "\n").encode("utf-8"))
     return True

@@ -1,5 +1,7 @@
 """Packed image features, kept so the same image is not encoded twice: in memory for a session,
-and on disk across runs when a directory is given (bounded in size, least recently used first out)."""
+and on disk across runs when a directory is given (bounded in size, least recently used first out).
+Entries are written through locked partial files (``llava_gguf.partial``); the first write of a run
+removes those that runs which died left."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_gguf.disk_cache import evict_lru
+from llava_gguf.partial import atomic_file, sweep_once
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +60,12 @@ class FeatureCache:
         self._remember(key, features)
         if self.directory is None:
             return
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            with tmp.open("wb") as f:
-                np.save(f, features, allow_pickle=False)
-            os.replace(tmp, path)
+            sweep_once(self.directory)  # what runs that died while writing here left
+            with atomic_file(self._path(key)) as partial:
+                np.save(partial.file, features, allow_pickle=False)
             self._evict()
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             log.warning("image feature cache off for this run: cannot write in %s (%s)", self.directory, e)
             self.directory = None
 

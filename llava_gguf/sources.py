@@ -11,8 +11,9 @@
   ``<cache>/models/<name>-<key>/``, keyed by source, revision and quant, and reused after.
 
 ``<cache>`` is ``$LLAVA_GGUF_CACHE``, else ``$XDG_CACHE_HOME/llava-gguf``, else ``~/.cache/llava-gguf``.
-Offline (``HF_HUB_OFFLINE=1`` or the Hub unreachable) only cached files are used; the error says what is
-missing and how to get it. Nothing here prints: progress goes through callbacks, failures raise.
+Offline (``HF_HUB_OFFLINE=1``, or the Hub not answering ``llava_gguf.hub``'s one quick check) only cached
+files are used; the error says what is missing and how to get it. Nothing here prints: progress goes
+through callbacks, failures raise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +30,11 @@ import gguf
 
 from llava_gguf.convert.source import is_repo_id
 from llava_gguf.errors import LlavaGGUFError, ModelLoadError
-from llava_gguf.hub import how_to_get, hub_errors
+from llava_gguf.hub import how_to_get, hub_errors, offline_reason
 from llava_gguf.metadata import CONVERTER_REVISION, GGUFFields, read_gguf
 from llava_gguf.ollama import PREFIX as OLLAMA_PREFIX
 from llava_gguf.ollama import is_ollama_name, resolve_ollama
+from llava_gguf.partial import write_atomic
 from llava_gguf.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,10 @@ log = logging.getLogger(__name__)
 MODEL_ENV = "LLAVA_GGUF_MODEL"
 DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_MMPROJ_TYPE = "f16"
-_TRUE = {"1", "on", "yes", "true"}
 
 # (description, done, total): conversion progress, as `convert_checkpoint` reports it
 ProgressCallback = Callable[[str, int, int], None]
 EventCallback = Callable[[str], None]
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
 # ---------------------------------------------------------------- resolution
@@ -272,8 +265,8 @@ def _converted(source: str, fingerprint: str, request: ModelRequest, progress: P
     options = ConvertOptions(quant=Quant(quant), mmproj_type=MmprojType(mmproj_type), revision=request.revision,
                              name=source.rstrip("/").split("/")[-1])
     result = convert_checkpoint(local_source or source, out, options, progress)
-    (out / "source.json").write_text(json.dumps(
-        {"source": source, "revision": request.revision, "quant": quant, "mmproj_type": mmproj_type}, indent=2))
+    write_atomic(out / "source.json", json.dumps(
+        {"source": source, "revision": request.revision, "quant": quant, "mmproj_type": mmproj_type}, indent=2).encode())
     return ModelFiles(result.llm, result.mmproj, origin=source, converted=True)
 
 
@@ -290,17 +283,17 @@ def _from_hub(repo_id: str, request: ModelRequest, progress: ProgressCallback | 
         if cached is not None:
             event(f"using the converted model in {out}")
             return ModelFiles(*cached, origin=repo_id)
-    offline = hub_offline()
+    offline = offline_reason()
     files, snapshot = _list_repo(repo_id, request.revision, offline)
     ggufs = [f for f in files if f.endswith(".gguf")]
     if ggufs:
         llm, mmproj = pick_gguf_files(ggufs, request.quant, repo_id)
         event(f"using {llm} and {mmproj} from {repo_id}")
-        return ModelFiles(_download(repo_id, llm, request.revision, offline),
-                          _download(repo_id, mmproj, request.revision, offline), origin=repo_id)
+        return ModelFiles(_download(repo_id, llm, request.revision, offline is not None),
+                          _download(repo_id, mmproj, request.revision, offline is not None), origin=repo_id)
     if "config.json" in files:
         # offline: convert from the cached snapshot (convert_checkpoint would ask the Hub)
-        return _converted(repo_id, "", request, progress, event, local_source=snapshot if offline else None)
+        return _converted(repo_id, "", request, progress, event, local_source=snapshot)
     raise ModelLoadError(f"{repo_id}: holds neither GGUF files nor a Hugging Face checkpoint (config.json)")
 
 
@@ -310,12 +303,12 @@ def _convertible(quant: str | None) -> bool:
     return quant is None or quant.upper() in {q.value for q in Quant}
 
 
-def _list_repo(repo_id: str, revision: str | None, offline: bool) -> tuple[list[str], Path | None]:
-    """The repo's file names (from the Hub, or from the cached snapshot when offline)."""
+def _list_repo(repo_id: str, revision: str | None, offline: str | None) -> tuple[list[str], Path | None]:
+    """The repo's file names (from the Hub, or from the cached snapshot when ``offline`` says why not)."""
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    if not offline:
+    if offline is None:
         try:
             with hub_errors(repo_id, ModelLoadError, revision=revision):
                 return huggingface_hub.list_repo_files(repo_id, revision=revision), None
@@ -327,7 +320,7 @@ def _list_repo(repo_id: str, revision: str | None, offline: bool) -> tuple[list[
             log.info("the Hub cannot be reached (%s); looking in the cache", e)
     snapshot = _cached_snapshot(repo_id, revision)
     if snapshot is None:
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        why = offline or "the Hub cannot be reached"
         raise ModelLoadError(f"{repo_id} is not in the Hugging Face cache and {why}; {how_to_get(repo_id)}")
     files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
     return files, snapshot

@@ -11,8 +11,10 @@ from rich.table import Table
 
 from llava_gguf.cli.console import human
 from llava_gguf.cli.group import main
-from llava_gguf.disk_cache import cache_usage, clear_cache
-from llava_gguf.paths import features_dir, models_dir, prompts_dir
+from llava_gguf.disk_cache import cache_usage, clear_cache, clear_partials, partial_usage
+from llava_gguf.paths import cache_root, features_dir, models_dir, prompts_dir
+
+PARTIALS = "partial files of interrupted runs"
 
 
 def _caches() -> list[tuple[str, Path, str]]:
@@ -40,6 +42,8 @@ def cache_info(as_json: bool) -> None:
     models = cache_usage(models_dir(), "*/*.gguf")
     rows.append({"cache": "converted models (not cleared)", "directory": str(models_dir()), "entries": models[0],
                  "bytes": models[1]})
+    partials = partial_usage(cache_root())
+    rows.append({"cache": PARTIALS, "directory": str(cache_root()), "entries": partials[0], "bytes": partials[1]})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -53,7 +57,10 @@ def cache_info(as_json: bool) -> None:
 
 @cache.command("clear")
 def cache_clear() -> None:
-    """Empty the image feature and prompt caches (converted models stay)."""
+    """Empty the image feature and prompt caches (converted models stay), and remove the partial files
+    that interrupted runs left anywhere in the cache."""
     for name, directory, pattern in _caches():
         files, size = clear_cache(directory, pattern)
         click.echo(f"{name}: removed {files} entries ({human(size)}) from {directory}")
+    files, size = clear_partials(cache_root())  # converted models' folders too
+    click.echo(f"{PARTIALS}: removed {files} ({human(size)}) from {cache_root()}")

@@ -10,10 +10,11 @@ the same token count never share an entry.
 A file is ``MAGIC``, a little-endian u32 header length, a JSON header (format, key, positions,
 items, state size), the state and its CRC-32 (u32). llama.cpp writes the state straight into the
 memory-mapped file and reads it back from one, so no copy of the KV cache is held in memory. It is
-written to a temporary name and renamed; a
-truncated, corrupt or foreign file is removed with one warning and never given to llama.cpp. The
-directory is bounded in size, least recently used entries out first. Nothing here prints; problems
-that cost only the cache are logged as warnings and caching stops for the session.
+written to a locked partial file and renamed (``llava_gguf.partial``; the first save of a run removes
+the partial files of runs that died); a truncated, corrupt or foreign file is removed with one
+warning and never given to llama.cpp. The directory is bounded in size, least recently used entries
+out first. Nothing here prints; problems that cost only the cache are logged as warnings and caching
+stops for the session.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from llava_gguf.disk_cache import evict_lru
 from llava_gguf.llm.sequence import ImageSlot, Item
+from llava_gguf.partial import atomic_file, sweep_once
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,12 @@ class PromptCache:
                              "state_bytes": size}).encode()
         start = len(MAGIC) + 4 + len(header)
         path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with tmp.open("w+b") as f:
-                f.truncate(start + size + 4)
-                with mmap.mmap(f.fileno(), start + size + 4) as mapped:
+            sweep_once(self.directory)  # what runs that died while writing here left
+            with atomic_file(path) as partial:
+                partial.file.truncate(start + size + 4)
+                with mmap.mmap(partial.file.fileno(), start + size + 4) as mapped:
                     mapped[:start] = MAGIC + struct.pack("<I", len(header)) + header
                     view = memoryview(mapped)
                     try:
@@ -130,15 +132,10 @@ class PromptCache:
                     if written != size:
                         raise OSError(f"llama.cpp wrote {written} of {size} state bytes")
                     mapped[start + size :] = struct.pack("<I", crc)
-            os.replace(tmp, path)
             self.saved += 1
             self._evict(keep=path)
         except OSError as e:
             self.writable = False
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             log.warning("prompt cache off for this run: cannot write in %s (%s)", self.directory, e)
 
     def _read(self, path: Path, key: str) -> tuple[int, memoryview] | None:
