@@ -33,6 +33,8 @@ import runners
 import synth
 from runners import median
 
+from llava_gguf.machine_load import BUSY_CORES, LoadMeter, MachineLoad
+
 QUESTION = "What is in this image? Describe it briefly."
 TG_PROMPT = "USER: Write a long story about a cat. ASSISTANT:"
 E2E_SIZE = (640, 480)  # (width, height)
@@ -107,26 +109,23 @@ def copy_bandwidth(nbytes: int, runs: int = 5, threads: int | None = None) -> fl
 class Child:
     result: dict[str, Any]
     max_rss_bytes: int
-    wall_s: float
-    other_cpu_s: float = 0.0  # CPU time other processes used while the child ran
+    load: MachineLoad  # other processes' use of the machine while the child ran
+
+    @property
+    def wall_s(self) -> float:
+        return self.load.wall_s
+
+    @property
+    def other_cpu_s(self) -> float:
+        return self.load.other_cpu_s or 0.0
 
     @property
     def disturbed(self) -> bool:
         """Other processes took more than a tenth of a core on average: the figures are not the machine's."""
-        return self.other_cpu_s > DISTURBED_FRACTION * self.wall_s
+        return self.load.busy(DISTURBED_FRACTION)
 
 
-DISTURBED_FRACTION = 0.1
-
-
-def busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has spent busy (``/proc/stat``), or None where it cannot say."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+DISTURBED_FRACTION = BUSY_CORES  # of a core, on average (llava_gguf.machine_load says why)
 
 
 def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
@@ -137,17 +136,11 @@ def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         with open(logs / f"{worker}.log", "w") as log:
-            busy_before, self_before = busy_cpu_s(), time.process_time()
-            start = time.perf_counter()
+            meter = LoadMeter()  # this process's own CPU time counts the child once it is reaped
             proc = subprocess.Popen([sys.executable, __file__, "--worker", worker, "--spec", str(spec_path),
                                      "--out", str(out_path)], stdout=log, stderr=subprocess.STDOUT)
             _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - start
-            busy_after, self_after = busy_cpu_s(), time.process_time()
-        other = 0.0
-        if busy_before is not None and busy_after is not None:
-            # everything busy minus the child's own CPU time and this process's
-            other = max(0.0, busy_after - busy_before - usage.ru_utime - usage.ru_stime - (self_after - self_before))
+            load = meter.stop()
         code = os.waitstatus_to_exitcode(status)
         if code != 0 or not out_path.exists():
             tail = (logs / f"{worker}.log").read_text(errors="replace")[-3000:]
@@ -155,7 +148,7 @@ def run_child(worker: str, spec: dict[str, Any], workdir: Path) -> Child:
         result = json.loads(out_path.read_text())
         # ru_maxrss would include the parent's RSS at fork time (Linux copies the high-water mark);
         # the worker's own VmHWM counts only after exec.
-        return Child(result, result.pop("vm_hwm_bytes", None) or usage.ru_maxrss * 1024, wall, other)
+        return Child(result, result.pop("vm_hwm_bytes", None) or usage.ru_maxrss * 1024, load)
 
 
 def merge_results(a: Any, b: Any) -> Any:
@@ -368,13 +361,20 @@ def print_table(raw: dict[str, Any], rows: list[dict[str, Any]], file: Any) -> N
 REPACK_SETTINGS = (("llm_ours", "auto"), ("llm_ours", "off"), ("llm_ours", "on"), ("llm_stock", "stock"))
 
 
+def repack_crashes(threads: int) -> bool:
+    from llava_gguf.llm.repack import choose_repack
+
+    return choose_repack(threads).crashed
+
+
 def repack_rows(spec: dict[str, Any], runs: int, workdir: Path, log: Any) -> list[dict[str, Any]]:
     """Each setting in its own process, the settings alternating round by round; every round's
     figures kept (the table gives their range), with the machine's load while each ran."""
     spec = {**spec, "runs": 2, "repack_pp": REPACK_PP, "repack_tg": REPACK_TG}
-    rows = {setting: {"setting": setting, "rounds": []} for _, setting in REPACK_SETTINGS}
+    settings = [(w, s) for w, s in REPACK_SETTINGS if not (spec["repack_crashes"] and s == "on")]
+    rows = {setting: {"setting": setting, "rounds": []} for _, setting in settings}
     for repetition in range(runs):
-        for worker, setting in REPACK_SETTINGS:
+        for worker, setting in settings:
             print(f"[bench] LLM alone, {setting} ({repetition + 1}/{runs})", file=log, flush=True)
             child = run_child(worker, {**spec, "repack": setting}, workdir)
             rows[setting]["rounds"].append({**child.result, "peak_rss_bytes": child.max_rss_bytes,
@@ -420,6 +420,9 @@ def print_repack_table(raw: dict[str, Any], rows: list[dict[str, Any]], file: An
         print(f"- ours --repack {r['setting']} / stock (medians): prefill {ratios['prefill_tok_s']:.2f}x, decode "
               f"{ratios['decode_tok_s']:.2f}x, peak RSS {ratios['peak_rss_bytes']:.2f}x", file=file)
     print(f"- auto: {rows[0]['rounds'][0]['reason']}", file=file)
+    if raw["spec"]["repack_crashes"]:
+        print("- llama.cpp's repacked kernels crash on this CPU (AMX, llama.cpp issue 20824): ours --repack on is "
+              "refused and left out, the stock Llama runs with repacking off (its default crashes)", file=file)
 
 
 # ---------------------------------------------------------------- main
@@ -483,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         "llm16": str(paths["1.6"][0]), "mmproj16": str(paths["1.6"][1]),
         "kv_rss": "q8_0", "rss_size": (672, 672), "rss_tokens": 16, "source15": str(ckpts.llava15),
         "cache_size": CACHE_SIZE, "prompt_cache_dir": str(workdir / "prompt-cache"),
+        # llama.cpp's repacked kernels crash on some CPUs (AMX, llama.cpp issue 20824): the stock Llama's
+        # default then cannot run, so it runs with repacking off and ours' --repack on is left out
+        "repack_crashes": repack_crashes(args.threads),
     }
     print("[bench] measuring copy bandwidth", file=log, flush=True)
     bandwidth = copy_bandwidth((256 if args.quick else 1024) * MB)

@@ -186,8 +186,29 @@ class _CountingMtmd:
         return m.mtmd_helper_eval_chunk_single(ctx, lctx, chunk, *args)
 
 
+def _stock_defaults(spec: Spec) -> str:
+    """llama.cpp's defaults for the stock Llama, except where its repacked kernels crash (AMX, llama.cpp
+    issue 20824): there repacking is off, the one way the stock Llama runs at all (``Llama`` has no
+    option for it, so the default parameters it starts from are changed). Says which."""
+    from llama_cpp import llama_cpp as bindings  # where Llama takes its default parameters from
+
+    if not spec.get("repack_crashes"):
+        return "llama.cpp's defaults"
+    default_params = bindings.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
+    return "llama.cpp's defaults but repacking off (it crashes on this CPU)"
+
+
 def _stock_llama(llm: str, mmproj: str, version: str, spec: Spec, kv: str = "f16") -> tuple[Any, Any, _CountingMtmd]:
     import llama_cpp
+
+    _stock_defaults(spec)
     from llama_cpp.llama_chat_format import Llava15ChatHandler, Llava16ChatHandler
 
     handler_cls = Llava15ChatHandler if version == "1.5" else Llava16ChatHandler
@@ -386,6 +407,7 @@ def run_llm_stock(spec: Spec) -> dict[str, Any]:
     """llama-cpp-python's ``Llama`` alone, with its defaults (repacking on, mmap)."""
     import llama_cpp
 
+    reason = _stock_defaults(spec)
     start = time.perf_counter()
     llama = llama_cpp.Llama(model_path=spec["llm15"], n_ctx=spec["repack_pp"] + spec["repack_tg"] + 8, n_batch=512,
                             n_threads=spec["threads"], n_threads_batch=spec["threads"],
@@ -397,7 +419,7 @@ def run_llm_stock(spec: Spec) -> dict[str, Any]:
         llama.eval(tokens)
 
     out = _llm_speeds(prefill, lambda token: llama.eval([token]), llama.n_vocab(), spec)
-    out.update(load_s=load_s, repack=True, mapped=True, reason="llama.cpp's defaults")
+    out.update(load_s=load_s, repack=not spec.get("repack_crashes"), mapped=True, reason=reason)
     llama.close()
     return out
 

@@ -7,9 +7,28 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
+from llama_cpp import llama_cpp as bindings  # where Llama takes its default parameters from
 
 
 def load_llama(path: Path, n_ctx: int = 512, logits_all: bool = True) -> llama_cpp.Llama:
+    """llama-cpp-python's own Llama on ``path``, without weight repacking: repacked quantized weights round
+    differently, and llama.cpp's repacked AMX kernels crash on some CPUs (llama.cpp issue 20824). ``Llama``
+    has no option for it, so the default parameters it starts from are changed while it loads."""
+    default_params = bindings.llama_model_default_params
+
+    def without_repacking() -> llama_cpp.llama_model_params:
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
+    try:
+        return _load(path, n_ctx, logits_all)
+    finally:
+        bindings.llama_model_default_params = default_params
+
+
+def _load(path: Path, n_ctx: int, logits_all: bool) -> llama_cpp.Llama:
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,

@@ -78,10 +78,17 @@ def test_quick_repack_table(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
              for line in proc.stdout.splitlines() if line.startswith("│")}
-    assert set(lines) == {"ours, --repack auto", "ours, --repack off", "ours, --repack on", "stock llama_cpp.Llama"}
-    assert lines["ours, --repack off"][:2] == ["off", "yes"] and lines["ours, --repack on"][:2] == ["on", "no"]
-    assert lines["stock llama_cpp.Llama"][:2] == ["on", "yes"]
+    # where llama.cpp's repacked kernels crash (AMX, llama.cpp issue 20824) ours' "on" is refused and left
+    # out, and the stock Llama runs with repacking off, said under the table
+    crashes = "crash on this CPU" in proc.stdout
+    expected = {"ours, --repack auto", "ours, --repack off", "stock llama_cpp.Llama"} | (
+        set() if crashes else {"ours, --repack on"})
+    assert set(lines) == expected
+    assert lines["ours, --repack off"][:2] == ["off", "yes"]
+    assert crashes or lines["ours, --repack on"][:2] == ["on", "no"]
+    assert lines["stock llama_cpp.Llama"][:2] == ["off" if crashes else "on", "yes"]
     for cells in lines.values():
         assert all(_positive(float(c.split("-")[0])) for c in cells[2:6]), cells
         assert cells[6] in ("idle", "DISTURBED in 1 round(s)")
-    assert proc.stdout.count("/ stock (medians): prefill") == 3 and "auto: weight repacking" in proc.stdout
+    assert proc.stdout.count("/ stock (medians): prefill") == len(expected) - 1
+    assert "auto: weight repacking" in proc.stdout

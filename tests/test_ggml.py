@@ -4,6 +4,7 @@ its ctypes layer: another library directory, an ABI it does not know, missing sy
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -197,9 +198,10 @@ def test_the_probe_is_exact_and_cached(tmp_path: Path) -> None:
 
     library = load_ggml()
     before = ggml_probe_run_count()
-    verdict = probe_ggml(library, tmp_path, n_threads=1)
+    # cached whatever the machine's load: tests run beside other work (tests/test_tune.py covers the load)
+    verdict = probe_ggml(library, tmp_path, n_threads=1, busy_cores=math.inf)
     assert verdict.exact and verdict.max_rel_diff < 1e-5 and verdict.ggml_s > 0 and verdict.numpy_s > 0
-    assert probe_ggml(library, tmp_path, n_threads=1) == verdict
+    assert probe_ggml(library, tmp_path, n_threads=1, busy_cores=math.inf) == verdict
     assert ggml_probe_run_count() == before + 1  # the second answer came from the cache
 
 

@@ -71,6 +71,10 @@ class LlamaRuntime:
             verdict = choose_repack(threads, options.repack_cache_dir)
             self.repack, self.repack_reason = verdict.repack, verdict.reason
         else:
+            if options.repack is RepackPolicy.ON and options.n_gpu_layers == 0:
+                known = choose_repack(threads, options.repack_cache_dir)  # cached once measured
+                if known.crashed:  # a segfault in llama_decode otherwise, taking the process with it
+                    raise ModelLoadError(f"--repack on: {known.failure}; use --repack off (or auto)")
             self.repack = options.repack is RepackPolicy.ON
             self.repack_reason = f"weight repacking {'on' if self.repack else 'off'}" + (
                 " (as asked)" if options.repack is not RepackPolicy.AUTO else " (GPU offload)")

@@ -2,15 +2,22 @@
 
 Repacking rearranges quantized weights for the CPU's SIMD layout (AVX2/AVX-512, ARM dotprod/i8mm):
 faster on some CPUs, slower on others, and not always the same way for prefill (many-token products)
-and decode (one-token products). ``auto`` measures once per CPU model, llama.cpp build and thread
-count: a small synthetic Q4_K_M model (1B-wide, two layers) prefills 256 tokens and decodes 32 with
-and without repacking (the best of a few runs each; about a second in all; its decode, over 58 MiB
-of weights, understates what repacking does for a real model's). Repacking is chosen when it is at
-least 5% faster for prefill, or for a typical request (an image's 1,000 positions of prefill, then a
-100-token answer): so prefill is never much slower than llama.cpp's default (repacking on), and
-repacking is left off where it buys nothing. The verdict is cached with the encoders' probes; a
-corrupt cache entry is measured again. When repacking, the model is loaded without mmap, so its
-weights are resident once, not as the mapped file plus the repacked copy.
+and decode (one-token products). ``auto`` measures once per CPU model, thread count and libraries: a
+small synthetic Q4_K_M model (1B-wide, two layers), loaded with and without repacking, prefills 256
+tokens and decodes 32, the two settings alternating (``machine_load.alternate``: a warm-up each, then
+at least three rounds and a second, each setting's best kept; about a second and a half in all; its
+decode, over 58 MiB of weights, understates what repacking does for a real model's). Repacking is
+chosen when it is at least 5% faster for prefill, or for a typical request (an image's 1,000 positions
+of prefill, then a 100-token answer): so prefill is never much slower than llama.cpp's default
+(repacking on), and repacking is left off where it buys nothing.
+
+The verdict is cached with the encoders' probes (``probe_cache``: figures, date, load, versions) when
+the machine was calm while it measured; measured while other processes used the cores, it is
+provisional: this run uses it and says so, the next measures again. A stale entry (other libraries,
+an older format) or a corrupt one is measured again. The probe runs in a child process: llama.cpp's
+repacked kernels can crash (its AMX ones on a Q4_K_M prefill, llama.cpp issue 20824), and a crash
+gives a settled "off", cached whatever the load. When repacking, the model is loaded without mmap,
+so its weights are resident once, not as the mapped file plus the repacked copy.
 """
 
 from __future__ import annotations
@@ -18,13 +25,16 @@ from __future__ import annotations
 import ctypes
 import enum
 import hashlib
+import json
 import logging
 import math
 import os
-import platform
+import signal
+import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gguf
@@ -33,12 +43,13 @@ import numpy as np
 from llama_cpp import _internals
 from llama_cpp import _logger as llama_logger
 
-from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_cache
+from llava_gguf.machine_load import BUSY_CORES, LoadMeter, MachineLoad, alternate, cpu_model
+from llava_gguf.vision.probe_cache import Provenance, default_cache_dir, library_versions, lookup, now_iso, store
 
 log = logging.getLogger(__name__)
 
 PROBE_FILE = "repack-probe.json"
-_PROBE_VERSION = 3
+CRASHED = "llama.cpp crashed"  # how a crashed probe's failure begins
 GAIN = 0.95  # repack when it takes at most this fraction of the plain time
 REQUEST_PREFILL, REQUEST_DECODE = 1000, 100  # a typical request: an image and its question, the answer
 _N_EMBD, _N_FF, _N_LAYER, _N_HEAD, _N_HEAD_KV, _N_VOCAB = 2048, 5632, 2, 32, 4, 512
@@ -75,24 +86,43 @@ class RepackVerdict:
     repacked: Speeds | None  # None: the probe could not run (``failure`` says why)
     plain: Speeds | None
     failure: str | None = None
+    provenance: Provenance | None = field(default=None, compare=False)  # when and how calmly it was measured
+
+    @property
+    def provisional(self) -> bool:
+        """Measured on a busy machine: used by this run only."""
+        return self.provenance is not None and self.provenance.provisional
+
+    @property
+    def crashed(self) -> bool:
+        """llama.cpp's repacked kernels crashed on this machine: repacking must not be used here."""
+        return self.failure is not None and self.failure.startswith(CRASHED)
 
     @property
     def reason(self) -> str:
         choice = "on" if self.repack else "off"
         r, p = self.repacked, self.plain
+        note = f"; {self.provenance.note()}" if self.provenance is not None else ""
         if r is None or p is None:
-            return f"weight repacking {choice} (the probe could not run: {self.failure})"
+            return f"weight repacking {choice} (the probe could not run: {self.failure}{note})"
         return (f"weight repacking {choice} (measured here on a small Q4_K_M model with and without: "
-                f"prefill {r.prefill:.0f} vs {p.prefill:.0f} tok/s, decode {r.decode:.0f} vs {p.decode:.0f} tok/s)")
+                f"prefill {r.prefill:.0f} vs {p.prefill:.0f} tok/s, decode {r.decode:.0f} vs {p.decode:.0f} tok/s{note})")
+
+    def figures(self) -> dict[str, object]:
+        """The cache entry's figures."""
+        return {"repack": self.repack, "repacked": asdict(self.repacked) if self.repacked else None,
+                "plain": asdict(self.plain) if self.plain else None, "failure": self.failure}
 
     @classmethod
-    def from_json(cls, entry: object) -> RepackVerdict:
+    def from_json(cls, entry: object, provenance: Provenance | None = None) -> RepackVerdict:
         """A cached verdict; ``ValueError`` when malformed."""
         try:
+            if entry.get("failure"):  # type: ignore[union-attr]  # llama.cpp crashed on the probe: off
+                return cls(False, None, None, str(entry["failure"]), provenance)  # type: ignore[index]
             speeds = [Speeds(float(entry[k]["prefill"]), float(entry[k]["decode"]))  # type: ignore[index]
                       for k in ("repacked", "plain")]
-            verdict = cls(bool(entry["repack"]), *speeds)  # type: ignore[index]
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+            verdict = cls(bool(entry["repack"]), *speeds, provenance=provenance)  # type: ignore[index]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise ValueError(f"malformed repack verdict: {e}") from e
         figures = (speeds[0].prefill, speeds[0].decode, speeds[1].prefill, speeds[1].decode)
         if not all(math.isfinite(x) and x > 0 for x in figures):
@@ -107,41 +137,41 @@ def probe_run_count() -> int:
     return _runs
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _library_dir() -> Path:
+    return Path(llama_cpp.llama_cpp._lib._name).resolve().parent
 
 
 def probe_key(n_threads: int) -> str:
-    lib = Path(llama_cpp.llama_cpp._lib._name)
-    stat = lib.stat()
-    raw = f"v{_PROBE_VERSION}|{cpu_model()}|{os.cpu_count()}|t{n_threads}|{lib.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    """What a verdict is about: the CPU, its cores, the threads and the llama.cpp library's place (its
+    build and versions are recorded in the entry: a change makes the entry stale)."""
+    raw = f"{cpu_model()}|{os.cpu_count()}|t{n_threads}|{_library_dir()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = None) -> RepackVerdict:
-    """The cached verdict for this machine, or a new measurement (about a second)."""
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / PROBE_FILE
-    key = probe_key(n_threads)
-    cached = read_cache(path)
-    entry = cached.get(key)
-    if entry is not None:
+def probe_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / PROBE_FILE
+
+
+def choose_repack(n_threads: int, cache_dir: str | os.PathLike[str] | None = None, *, use_cache: bool = True,
+                  busy_cores: float = BUSY_CORES) -> RepackVerdict:
+    """The cached verdict for this machine, or a new measurement (about a second and a half), cached
+    when other processes used at most ``busy_cores`` cores meanwhile. ``use_cache=False`` measures
+    anyway (and still caches a calm machine's verdict)."""
+    path, key = probe_path(cache_dir), probe_key(n_threads)
+    versions = library_versions(_library_dir())
+    found = lookup(path, key, versions) if use_cache else None
+    if found is not None:
         try:
-            return RepackVerdict.from_json(entry)
+            return RepackVerdict.from_json(*found)
         except ValueError as e:
             log.debug("measuring again: %s in %s", e, path)
     try:
-        verdict = measure(n_threads)
+        verdict = measure(n_threads, busy_cores=busy_cores, versions=versions)
     except (RuntimeError, ValueError, OSError) as e:  # llama.cpp refused the probe model, no scratch space
         log.debug("the repack probe failed: %s", e)
         return RepackVerdict(False, None, None, str(e))  # llama.cpp's load default stays off; not cached
-    cached[key] = asdict(verdict)
-    write_cache(path, cached)
+    if verdict.provenance is not None:
+        store(path, key, verdict.figures(), verdict.provenance)
     return verdict
 
 
@@ -194,35 +224,60 @@ def _random_blocks(qtype: gguf.GGMLQuantizationType, rows: int, cols: int, rng: 
     return blocks.reshape(rows, -1)  # [rows, n_blocks * type_size] bytes
 
 
-def measure_speeds(path: Path, n_threads: int, repack: bool) -> Speeds:
-    """Prefill of 256 tokens and decode of 32, the best of a few runs each after a warm-up."""
-    params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = repack
-    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if repack else llama_cpp.LLAMA_LOAD_MODE_MMAP
-    model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
-    try:
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = _N_TOKENS + _N_DECODE
-        ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
-        ctx = _internals.LlamaContext(model=model, params=ctx_params, verbose=False)
-        batch = llama_cpp.llama_batch_init(_N_TOKENS, 0, 1)
+class _ProbeRun:
+    """The probe model loaded with or without repacking, with a context; ``run()`` times a prefill of
+    256 tokens and a decode of 32 (seconds of each)."""
+
+    def __init__(self, path: Path, n_threads: int, repack: bool) -> None:
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = repack
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE if repack else llama_cpp.LLAMA_LOAD_MODE_MMAP
+        self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         try:
-            tokens = [int(t) for t in np.random.default_rng(1).integers(1, _N_VOCAB, _N_TOKENS + _N_DECODE)]
-            prefill = decode = float("inf")
-            for run in range(3):  # the first is a warm-up
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
-                prefill_s = _timed_decode(ctx, batch, tokens[:_N_TOKENS], 0)
-                start = time.perf_counter()
-                for i in range(_N_DECODE):
-                    _timed_decode(ctx, batch, tokens[_N_TOKENS + i:_N_TOKENS + i + 1], _N_TOKENS + i)
-                if run > 0:
-                    prefill, decode = min(prefill, prefill_s), min(decode, time.perf_counter() - start)
+            ctx_params = llama_cpp.llama_context_default_params()
+            ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = _N_TOKENS + _N_DECODE
+            ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
+            self.ctx = _internals.LlamaContext(model=self.model, params=ctx_params, verbose=False)
+        except BaseException:
+            self.model.close()
+            raise
+        self.batch = llama_cpp.llama_batch_init(_N_TOKENS, 0, 1)
+        self.tokens = [int(t) for t in np.random.default_rng(1).integers(1, _N_VOCAB, _N_TOKENS + _N_DECODE)]
+
+    def run(self) -> tuple[float, float]:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ctx), True)
+        prefill_s = _timed_decode(self.ctx, self.batch, self.tokens[:_N_TOKENS], 0)
+        start = time.perf_counter()
+        for i in range(_N_TOKENS, _N_TOKENS + _N_DECODE):
+            _timed_decode(self.ctx, self.batch, self.tokens[i:i + 1], i)
+        return prefill_s, time.perf_counter() - start
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        self.ctx.close()
+        self.model.close()
+
+
+def measure_speeds(path: Path, n_threads: int) -> tuple[Speeds, Speeds, MachineLoad]:
+    """(repacked, plain) speeds of the probe model, the settings alternating, and the machine's load
+    meanwhile."""
+    plain = _ProbeRun(path, n_threads, repack=False)
+    try:
+        repacked = _ProbeRun(path, n_threads, repack=True)
+        try:
+            meter = LoadMeter()
+            best = alternate({"plain": plain.run, "repacked": repacked.run})
+            load = meter.stop()
         finally:
-            llama_cpp.llama_batch_free(batch)
-            ctx.close()
+            repacked.close()
     finally:
-        model.close()
-    return Speeds(_N_TOKENS / prefill, _N_DECODE / decode)
+        plain.close()
+
+    def speeds(name: str) -> Speeds:
+        prefill_s, decode_s = best[name]
+        return Speeds(_N_TOKENS / prefill_s, _N_DECODE / decode_s)
+
+    return speeds("repacked"), speeds("plain"), load
 
 
 def _timed_decode(ctx: _internals.LlamaContext, batch: llama_cpp.llama_batch, tokens: list[int], pos: int) -> float:
@@ -244,16 +299,91 @@ def _silent(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     pass
 
 
-def measure(n_threads: int) -> RepackVerdict:
+class ProbeCrashed(Exception):
+    """llama.cpp killed the probe's process (a signal): repacking cannot run here."""
+
+
+def measure(n_threads: int, *, busy_cores: float = BUSY_CORES, versions: dict[str, str] | None = None) -> RepackVerdict:
+    """Measure now (no cache), in a child process: llama.cpp's repacked kernels can crash (its AMX ones
+    on Q4_K_M, llama.cpp issue 20824), and a crash must not take the caller with it. Provisional when
+    other processes used more than ``busy_cores`` cores; a crash gives a settled "off"."""
     global _runs
     _runs += 1
+    about = {"probe": "repack", "cpu": cpu_model(), "threads": str(n_threads), "library": str(_library_dir())}
+    versions = versions or library_versions(_library_dir())
+    meter = LoadMeter()
+    try:
+        repacked, plain, load = _probe_in_child(n_threads)
+    except ProbeCrashed as e:
+        return RepackVerdict(False, None, None, str(e), Provenance(now_iso(), meter.stop(), versions, about))
+    provenance = Provenance(now_iso(), load, versions, about, provisional=load.busy(busy_cores))
+    return RepackVerdict(decide(repacked, plain), repacked, plain, provenance=provenance)
+
+
+_CHILD_TIMEOUT_S = 300  # a probe on a saturated machine takes longer than its second or two, not minutes
+
+
+def _probe_in_child(n_threads: int) -> tuple[Speeds, Speeds, MachineLoad]:
+    """(repacked, plain, load) from ``python -m llava_gguf.llm.repack``; ``ProbeCrashed`` on a signal,
+    ``RuntimeError`` on any other failure."""
+    import llava_gguf
+
+    env = dict(os.environ)  # the same llama.cpp (LLAMA_CPP_LIB_PATH) and this llava_gguf
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(llava_gguf.__file__).parents[1]), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="llava-gguf-repack-") as scratch:
+        out = Path(scratch) / "speeds.json"
+        try:
+            child = subprocess.run([sys.executable, "-m", __name__, str(n_threads), str(out)], env=env,
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=_CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"the probe took over {_CHILD_TIMEOUT_S} s") from e
+        if child.returncode < 0:
+            raise ProbeCrashed(_crash_text(-child.returncode))
+        if child.returncode != 0 or not out.is_file():
+            tail = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise RuntimeError(f"the probe's process exited with {child.returncode}: {tail[0]}")
+        result = json.loads(out.read_text())
+    try:
+        return (Speeds(**result["repacked"]), Speeds(**result["plain"]), MachineLoad.from_json(result["load"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RuntimeError(f"the probe's process gave malformed figures ({e})") from e
+
+
+def _crash_text(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    amx = " (this CPU has AMX: llama.cpp's AMX kernels crash on Q4_K_M, llama.cpp issue 20824)" if _has_amx() else ""
+    return f"{CRASHED} on the probe model with {name}{amx}"
+
+
+def _has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def probe_here(n_threads: int) -> dict[str, object]:
+    """The child's side: the probe model written to a scratch directory and timed both ways."""
     llama_cpp.llama_log_set(_silent, ctypes.c_void_p(0))  # the loader narrates every tensor
     try:
         with tempfile.TemporaryDirectory(prefix="llava-gguf-repack-") as scratch:
             path = Path(scratch) / "probe.Q4_K_M.gguf"
             write_probe_model(path)
-            plain = measure_speeds(path, n_threads, repack=False)
-            repacked = measure_speeds(path, n_threads, repack=True)
+            repacked, plain, load = measure_speeds(path, n_threads)
     finally:
         llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-    return RepackVerdict(decide(repacked, plain), repacked, plain)
+    return {"repacked": asdict(repacked), "plain": asdict(plain), "load": load.to_json()}
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m llava_gguf.llm.repack THREADS OUT.json``: the probe, its figures written to OUT."""
+    n_threads, out = int(argv[0]), Path(argv[1])
+    out.write_text(json.dumps(probe_here(n_threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

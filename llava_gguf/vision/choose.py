@@ -3,8 +3,18 @@
 ``auto``: ggml on a GPU when the LLM is offloaded and this ggml has a GPU backend that passes the
 exactness probe; else libmtmd where its own probe says it is exact (not in llama.cpp today); else, on
 the CPU, whichever of ggml and NumPy ran the probe tile faster (both exact). ``numpy``, ``ggml`` and
-``mtmd`` force one. The ggml probe (one CLIP-L-wide block and projector, one tile, through both
-encoders) is cached per library, backend, thread count and machine, like libmtmd's.
+``mtmd`` force one.
+
+The ggml probe runs one tile through a CLIP-L-wide tower of one block (577 tokens, 1024 wide, the
+real tower's layer) and its projector with both encoders, alternating (``machine_load.alternate``: a
+warm-up each, then at least three rounds and a second, each one's best kept; about a second and a half
+in all). One call of each is too little: OpenBLAS and ggml share the cores differently (OpenBLAS
+splits a product evenly between its threads and waits for the slowest; ggml hands out chunks), so a
+core taken by another process slows NumPy three to six times and ggml two, and a single reading
+decides for whichever ran in a calm moment. The verdict is cached per library, backend, thread count
+and machine, like libmtmd's, when the machine was calm while it measured (``probe_cache``); measured
+while other processes used the cores, it is provisional: used by this run, which says so, and measured
+again by the next. (On the GPU only exactness decides, which no load changes: always cached.)
 """
 
 from __future__ import annotations
@@ -12,11 +22,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import os
 import platform
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -24,19 +35,19 @@ import llama_cpp
 import numpy as np
 
 from llava_gguf.errors import ModelLoadError
+from llava_gguf.machine_load import BUSY_CORES, LoadMeter, alternate, cpu_model
 from llava_gguf.metadata import VisionSettings
 from llava_gguf.vision.encoder import VisionEncoder
 from llava_gguf.vision.ggml_encoder import GgmlVisionEncoder
 from llava_gguf.vision.ggml_lib import GgmlLib, GgmlUnavailable, load_ggml
 from llava_gguf.vision.mtmd_encoder import MtmdVisionEncoder, probe_mtmd
 from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES, NumpyVisionEncoder
-from llava_gguf.vision.probe_cache import default_cache_dir, read_cache, write_cache
+from llava_gguf.vision.probe_cache import Provenance, default_cache_dir, library_versions, lookup, now_iso, store
 from llava_gguf.vision.weights import TowerLayout, VisionTowerConfig, tensor_name
 
 log = logging.getLogger(__name__)
 
 GGML_PROBE_FILE = "ggml-probe.json"
-_GGML_PROBE_VERSION = 1
 # max |ggml - NumPy| over max |NumPy| on the probe: float32 reassociation only (measured about 1e-6)
 GGML_PROBE_TOLERANCE = 1e-4
 
@@ -51,9 +62,40 @@ class EncoderChoice(str, enum.Enum):
 @dataclass(frozen=True)
 class GgmlVerdict:
     exact: bool  # ggml's probe features are the NumPy encoder's (within GGML_PROBE_TOLERANCE)
-    ggml_s: float  # seconds per probe tile
+    ggml_s: float  # seconds per probe tile, the best of the probe's rounds
     numpy_s: float
     max_rel_diff: float
+    provenance: Provenance | None = field(default=None, compare=False)  # when and how calmly it was measured
+
+    @property
+    def provisional(self) -> bool:
+        """Measured on a busy machine: used by this run only."""
+        return self.provenance is not None and self.provenance.provisional
+
+    @property
+    def ggml_faster(self) -> bool:
+        return self.exact and self.ggml_s < self.numpy_s
+
+    def timing(self) -> str:
+        """E.g. "ggml 0.20 s vs NumPy 0.13 s per probe tile; cached 2026-12-01"."""
+        note = f"; {self.provenance.note()}" if self.provenance is not None else ""
+        return f"ggml {self.ggml_s:.2f} s vs NumPy {self.numpy_s:.2f} s per probe tile{note}"
+
+    def figures(self) -> dict[str, object]:
+        return {"exact": self.exact, "ggml_s": self.ggml_s, "numpy_s": self.numpy_s, "max_rel_diff": self.max_rel_diff}
+
+    @classmethod
+    def from_json(cls, entry: Mapping[str, object], provenance: Provenance | None = None) -> GgmlVerdict:
+        """A cached verdict; ``ValueError`` when malformed."""
+        try:
+            verdict = cls(exact=bool(entry["exact"]), ggml_s=float(entry["ggml_s"]),  # type: ignore[arg-type]
+                          numpy_s=float(entry["numpy_s"]), max_rel_diff=float(entry["max_rel_diff"]),  # type: ignore[arg-type]
+                          provenance=provenance)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed ggml verdict: {e}") from e
+        if not all(math.isfinite(x) and x > 0 for x in (verdict.ggml_s, verdict.numpy_s)):
+            raise ValueError("malformed ggml verdict: a time is not a positive number")
+        return verdict
 
 
 def choose_encoder(
@@ -131,11 +173,10 @@ def choose_encoder(
     elif library is not None:
         try:
             verdict = probe_ggml(library, cache_dir, use_gpu=False, n_threads=n_threads)
-            timing = f"ggml {verdict.ggml_s:.2f} s vs NumPy {verdict.numpy_s:.2f} s per probe tile"
-            if verdict.exact and verdict.ggml_s < verdict.numpy_s:
+            if verdict.ggml_faster:
                 return chosen(ggml_encoder(False, library), "ggml",
-                              f"using the ggml vision encoder on the CPU ({timing})")
-            why_not_ggml = (f"NumPy is faster here ({timing})" if verdict.exact
+                              f"using the ggml vision encoder on the CPU ({verdict.timing()})")
+            why_not_ggml = (f"NumPy is faster here ({verdict.timing()})" if verdict.exact
                             else f"ggml is off the reference by {verdict.max_rel_diff:.2g} (relative)")
         except (GgmlUnavailable, ModelLoadError) as e:
             why_not_ggml = str(e)
@@ -158,32 +199,33 @@ def ggml_probe_run_count() -> int:
 
 
 def ggml_library_key(library: GgmlLib, use_gpu: bool, n_threads: int | None) -> str:
-    """Identifies the library files, the backend, the threads and the machine."""
-    parts = [f"v{_GGML_PROBE_VERSION}", "gpu" if use_gpu else "cpu", f"t{n_threads or os.cpu_count()}",
-             platform.machine(), platform.processor(), f"cpus{os.cpu_count()}", f"numpy{np.__version__}"]
-    for path in sorted(library.directory.glob("*ggml*")):
-        if path.is_file():
-            stat = path.stat()
-            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    """What a verdict is about: the backend, the threads, the machine and the library's place (its build
+    and versions are recorded in the entry: a change makes the entry stale)."""
+    parts = ["gpu" if use_gpu else "cpu", f"t{n_threads or os.cpu_count()}", platform.machine(), cpu_model(),
+             f"cpus{os.cpu_count()}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24] + f"|{library.directory}"
 
 
+def ggml_probe_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / GGML_PROBE_FILE
+
+
 def probe_ggml(library: GgmlLib, cache_dir: str | os.PathLike[str] | None = None, *, use_gpu: bool = False,
-               n_threads: int | None = None, use_cache: bool = True) -> GgmlVerdict:
-    """Whether ggml computes the NumPy encoder's features here, and how fast each runs a tile; cached."""
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / GGML_PROBE_FILE
-    key = ggml_library_key(library, use_gpu, n_threads)
-    cached = read_cache(path) if use_cache else {}
-    entry = cached.get(key)
-    if entry is not None:
+               n_threads: int | None = None, use_cache: bool = True, busy_cores: float = BUSY_CORES) -> GgmlVerdict:
+    """Whether ggml computes the NumPy encoder's features here, and how fast each runs a tile: the cached
+    verdict, or a new measurement (about a second and a half), cached when other processes used at most
+    ``busy_cores`` cores meanwhile. ``use_cache=False`` measures anyway (and still caches a calm one)."""
+    path, key = ggml_probe_path(cache_dir), ggml_library_key(library, use_gpu, n_threads)
+    versions = library_versions(library.directory)
+    found = lookup(path, key, versions) if use_cache else None
+    if found is not None:
         try:
-            return GgmlVerdict(exact=bool(entry["exact"]), ggml_s=float(entry["ggml_s"]),  # type: ignore[arg-type]
-                               numpy_s=float(entry["numpy_s"]), max_rel_diff=float(entry["max_rel_diff"]))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError):
-            log.debug("ignoring a malformed cached ggml verdict in %s", path)
-    verdict = run_ggml_probe(library, use_gpu=use_gpu, n_threads=n_threads)
-    cached[key] = asdict(verdict)
-    write_cache(path, cached)
+            return GgmlVerdict.from_json(*found)
+        except ValueError as e:
+            log.debug("measuring again: %s in %s", e, path)
+    verdict = run_ggml_probe(library, use_gpu=use_gpu, n_threads=n_threads, busy_cores=busy_cores, versions=versions)
+    if verdict.provenance is not None:
+        store(path, key, verdict.figures(), verdict.provenance)
     return verdict
 
 
@@ -214,25 +256,39 @@ def probe_weights(seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
-def run_ggml_probe(library: GgmlLib, *, use_gpu: bool = False, n_threads: int | None = None) -> GgmlVerdict:
-    """One tile of the probe tower through ggml and NumPy (after a warm-up each): agreement and speed."""
+def run_ggml_probe(library: GgmlLib, *, use_gpu: bool = False, n_threads: int | None = None,
+                   busy_cores: float = BUSY_CORES, versions: dict[str, str] | None = None) -> GgmlVerdict:
+    """One tile of the probe tower through ggml and NumPy, alternating (no cache): agreement, each one's
+    best time, and the machine's load meanwhile (provisional above ``busy_cores``)."""
     global _ggml_probe_runs
     _ggml_probe_runs += 1
     weights: Mapping[str, np.ndarray] = probe_weights()
     layout = TowerLayout(weights, PROBE_TOWER, "the ggml probe tower")
     tiles = np.random.default_rng(1).standard_normal((1, 3, 336, 336), dtype=np.float32)
-    reference = NumpyVisionEncoder(weights, PROBE_TOWER)
-    ggml = GgmlVisionEncoder(weights, layout, use_gpu=use_gpu, n_threads=n_threads, library=library)
-    try:
-        times = {}
-        outputs = {}
-        for name, encoder in (("numpy", reference), ("ggml", ggml)):
-            encoder.encode(tiles)  # warm-up: first-touch pages, thread pools, GPU kernels
+    encoders: dict[str, VisionEncoder] = {"numpy": NumpyVisionEncoder(weights, PROBE_TOWER)}
+    outputs: dict[str, np.ndarray] = {}
+
+    def run(name: str) -> Callable[[], tuple[float]]:
+        def timed() -> tuple[float]:
             start = time.perf_counter()
-            outputs[name] = encoder.encode(tiles)
-            times[name] = time.perf_counter() - start
+            outputs[name] = encoders[name].encode(tiles)
+            return (time.perf_counter() - start,)
+        return timed
+
+    ggml = GgmlVisionEncoder(weights, layout, use_gpu=use_gpu, n_threads=n_threads, library=library)
+    encoders["ggml"] = ggml
+    try:
+        meter = LoadMeter()
+        best = alternate({name: run(name) for name in encoders})
+        load = meter.stop()
     finally:
         ggml.close()
     scale = float(np.abs(outputs["numpy"]).max())
     rel = float(np.abs(outputs["ggml"] - outputs["numpy"]).max()) / scale
-    return GgmlVerdict(exact=rel <= GGML_PROBE_TOLERANCE, ggml_s=times["ggml"], numpy_s=times["numpy"], max_rel_diff=rel)
+    about = {"probe": "ggml", "backend": ggml.backend_name, "cpu": cpu_model(),
+             "threads": str(n_threads or os.cpu_count()), "library": str(library.directory)}
+    # on the GPU only exactness decides, which no load changes: that verdict is never provisional
+    provenance = Provenance(now_iso(), load, versions or library_versions(library.directory), about,
+                            provisional=load.busy(busy_cores) and not use_gpu)
+    return GgmlVerdict(exact=rel <= GGML_PROBE_TOLERANCE, ggml_s=best["ggml"][0], numpy_s=best["numpy"][0],
+                       max_rel_diff=rel, provenance=provenance)
