@@ -10,13 +10,16 @@ Both become one `LlavaCheckpoint`. Field names are Hugging Face's.
 from __future__ import annotations
 
 import ast
+import enum
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from llava_gguf.convert.families import FAMILIES, TEXT_DEFAULTS, LlmFamily
 from llava_gguf.convert.names import Layout
 from llava_gguf.errors import CheckpointError
 from llava_gguf.llm.templates import Template
@@ -26,22 +29,10 @@ log = logging.getLogger(__name__)
 
 LLAVA_HF_ARCHITECTURES = {"LlavaForConditionalGeneration": "1.5", "LlavaNextForConditionalGeneration": "1.6"}
 ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
-SUPPORTED_TEXT_MODELS = ("llama", "mistral")
-
-# transformers' defaults for fields a config may leave out (LlamaConfig, MistralConfig, CLIPVisionConfig);
-# tests/test_config.py checks every fixture's parse against transformers.AutoConfig
-TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048, vocab_size=32000,
-        tie_word_embeddings=False,
-    ),
-    "mistral": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096 * 32,
-        vocab_size=32000, tie_word_embeddings=False, sliding_window=4096,
-    ),
-}
+SUPPORTED_TEXT_MODELS = tuple(FAMILIES)
+# model types whose GGUF tokenizer is not one LLaVA's conv_templates were written for: the checkpoint's
+# own chat template renders their prompts
+CHECKPOINT_TEMPLATE_MODELS = ("phi3",)
 VISION_DEFAULTS: dict[str, Any] = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512,
@@ -76,10 +67,37 @@ class TextConfig:
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None  # Mistral: attention sees only the last N positions
     name_or_path: str = ""
+    original_max_position_embeddings: int | None = None  # Phi-3: the context its RoPE was trained at
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions RoPE rotates
+
+    @property
+    def family(self) -> LlmFamily:
+        return FAMILIES[self.model_type]
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_scaling_kind(self) -> str | None:
+        """None, "linear" or "longrope"."""
+        return None if not self.rope_scaling else self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+
+    @property
+    def longrope_attention_factor(self) -> float:
+        """transformers' longrope ``attention_factor`` (cos and sin are scaled by it at every length): the
+        config's, else sqrt(1 + ln(s) / ln(original)) for s = max / original positions > 1, else 1."""
+        given = (self.rope_scaling or {}).get("attention_factor")
+        if given is not None:
+            return float(given)
+        original = self.original_max_position_embeddings or self.max_position_embeddings
+        scale = self.max_position_embeddings / original
+        return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+
+    @property
+    def rope_dimension_count(self) -> int:
+        """The rotated dimensions per head (transformers' ``int(head_dim * partial_rotary_factor)``)."""
+        return int(self.head_size * self.partial_rotary_factor)
 
     @property
     def context_length(self) -> int:
@@ -87,6 +105,13 @@ class TextConfig:
         if self.sliding_window is not None:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+
+class TokenizerKind(str, enum.Enum):
+    """The LLM tokenizer's kind, as llama.cpp's ``tokenizer.ggml.model`` names it."""
+
+    SPM = "llama"  # SentencePiece (tokenizer.model, or a byte-fallback BPE tokenizer.json)
+    BPE = "gpt2"  # byte-level BPE (tokenizer.json only: Llama 3, Qwen2...)
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,8 @@ class LlavaCheckpoint:
     clip_path: Path | None  # the CLIP repo (original layout): its config, and LLaVA 1.5's tower weights
     clip_weights_from_repo: bool  # True when the tower's weights come from clip_path
     name: str
+    tokenizer_kind: TokenizerKind = TokenizerKind.SPM
+    chat_template: str | None = None  # the checkpoint's own (processor or tokenizer) chat template
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -167,9 +194,12 @@ def _with_defaults(cls: type, defaults: dict[str, Any], config: dict[str, Any]) 
     return {k: v for k, v in merged.items() if k in names}
 
 
-def _rope(config: dict[str, Any], where: Path, default_theta: float) -> tuple[float, dict[str, Any] | None]:
+def _rope(
+    config: dict[str, Any], where: Path, default_theta: float, supported: tuple[str, ...] = ("linear",)
+) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling or None) from either spelling: transformers 4's flat ``rope_theta`` and
-    ``rope_scaling``, or transformers 5's ``rope_parameters`` (``{"rope_theta": ..., "rope_type": ...}``)."""
+    ``rope_scaling``, or transformers 5's ``rope_parameters`` (``{"rope_theta": ..., "rope_type": ...}``).
+    ``supported``: the scaling kinds the LLM family's llama.cpp graph runs (besides "default")."""
     parameters = config.get("rope_parameters")
     flat_theta = config.get("rope_theta")
     scaling = config.get("rope_scaling")
@@ -189,14 +219,22 @@ def _rope(config: dict[str, Any], where: Path, default_theta: float) -> tuple[fl
         theta = default_theta
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear", "default"):
+        if kind == "su":  # Phi-3's first name for longrope
+            kind = "longrope"
+        if kind not in (*supported, "default"):
+            shown = {k: v for k, v in scaling.items() if not isinstance(v, (list, tuple))}  # not longrope's factor lists
             raise CheckpointError(
-                f"{where}: RoPE scaling {kind!r} ({scaling}) is not supported; supported: linear, default"
+                f"{where}: RoPE scaling {kind!r} ({shown}) is not supported; supported: {', '.join(supported)}, default"
             )
         if kind == "default":
             scaling = None
-        elif not isinstance(scaling.get("factor"), (int, float)):
+        elif kind == "linear" and not isinstance(scaling.get("factor"), (int, float)):
             raise CheckpointError(f"{where}: linear RoPE scaling without a numeric factor ({scaling})")
+        elif kind == "longrope":
+            scaling = {**scaling, "rope_type": kind}
+            for name in ("long_factor", "short_factor"):
+                if not isinstance(scaling.get(name), (list, tuple)):
+                    raise CheckpointError(f"{where}: longrope RoPE scaling without a {name} list")
     return float(theta), scaling or None
 
 
@@ -222,7 +260,8 @@ def _text_config(config: dict[str, Any], where: Path, outer: dict[str, Any] | No
         values["num_key_value_heads"] = values["num_attention_heads"]
     if config.get("tie_word_embeddings") is None and outer is not None and outer.get("tie_word_embeddings") is not None:
         values["tie_word_embeddings"] = bool(outer["tie_word_embeddings"])
-    values["rope_theta"], values["rope_scaling"] = _rope(config, where, TEXT_DEFAULTS[model_type]["rope_theta"])
+    values["rope_theta"], values["rope_scaling"] = _rope(
+        config, where, TEXT_DEFAULTS[model_type]["rope_theta"], FAMILIES[model_type].rope_scalings)
     values["model_type"] = model_type
     values["name_or_path"] = str(config.get("_name_or_path", ""))
     # an explicit null means no window; a missing key means MistralConfig's default
@@ -230,13 +269,40 @@ def _text_config(config: dict[str, Any], where: Path, outer: dict[str, Any] | No
     if config.get("use_sliding_window") is False:
         window = None
     values["sliding_window"] = int(window) if window is not None else None
+    values.update(_rotary_fields(config, model_type, where))
     text = TextConfig(**values)
     if text.hidden_size % text.num_attention_heads or text.num_attention_heads % text.num_key_value_heads:
         raise CheckpointError(
             f"{where}: {text.num_attention_heads} attention heads, {text.num_key_value_heads} KV heads and "
             f"hidden size {text.hidden_size} do not divide evenly"
         )
+    if text.rope_scaling_kind == "longrope":
+        lengths = {len(text.rope_scaling[n]) for n in ("long_factor", "short_factor")}  # type: ignore[index]
+        if lengths != {text.rope_dimension_count // 2}:
+            raise CheckpointError(
+                f"{where}: longrope factors of lengths {sorted(lengths)}, expected {text.rope_dimension_count // 2} "
+                "(half the rotated dimensions)"
+            )
     return text
+
+
+def _rotary_fields(config: dict[str, Any], model_type: str, where: Path) -> dict[str, Any]:
+    """``partial_rotary_factor`` and ``original_max_position_embeddings`` where the family has them (Phi-3),
+    flat (transformers 4) or inside ``rope_parameters`` (transformers 5)."""
+    defaults = TEXT_DEFAULTS[model_type]
+    parameters = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    if "partial_rotary_factor" not in defaults:
+        factor = config.get("partial_rotary_factor", parameters.get("partial_rotary_factor"))
+        if factor not in (None, 1.0):
+            raise CheckpointError(f"{where}: partial_rotary_factor={factor} is not supported for {model_type}")
+        return {}
+    factor = config.get("partial_rotary_factor", parameters.get("partial_rotary_factor"))
+    factor = float(defaults["partial_rotary_factor"] if factor is None else factor)
+    original = config.get("original_max_position_embeddings", parameters.get("original_max_position_embeddings"))
+    original = int(defaults["original_max_position_embeddings"] if original is None else original)
+    if not 0.0 < factor <= 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor={factor} is not in (0, 1]")
+    return {"partial_rotary_factor": factor, "original_max_position_embeddings": original}
 
 
 def _vision_config(config: dict[str, Any] | None, where: Path) -> VisionConfig:
@@ -330,12 +396,15 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
         pinpoints=pinpoints, merge_type=merge, projector_act=config.get("projector_hidden_act", "gelu"),
     )
     image_token_id = config.get("image_token_index", config.get("image_token_id", LLAVA_HF_IMAGE_TOKEN_DEFAULT))
+    kind = tokenizer_kind(path)
+    chat_template = read_chat_template(path)
     return LlavaCheckpoint(
         path=path, layout=Layout.LLAVA_HF, llava_version=version, text=text, vision=vision,
         settings=settings, projector_type="mlp2x_gelu",
-        template=choose_template(Layout.LLAVA_HF, version, text, path.name),
+        template=choose_template(Layout.LLAVA_HF, version, text, path.name, kind, chat_template, added_token_texts(path)),
         tokenize_mode=TokenizeMode.WHOLE, image_token_id=image_token_id,
         clip_path=None, clip_weights_from_repo=False, name=path.name,
+        tokenizer_kind=kind, chat_template=chat_template,
     )
 
 
@@ -382,16 +451,74 @@ def _read_original(
         template=choose_template(Layout.ORIGINAL, version, text, path.name),
         tokenize_mode=TokenizeMode.SPLIT, image_token_id=None,
         clip_path=clip_path, clip_weights_from_repo=version == "1.5", name=path.name,
+        chat_template=read_chat_template(path),
     )
 
 
-def choose_template(layout: Layout, version: str, text: TextConfig, name: str) -> Template:
-    """The conversation template the model was trained with (LLaVA's ``conv_templates``)."""
+def tokenizer_kind(path: Path) -> TokenizerKind:
+    """SentencePiece when the checkpoint has ``tokenizer.model`` or a byte-fallback BPE ``tokenizer.json``
+    (a SentencePiece model in tokenizers' form); byte-level BPE for a ``tokenizer.json`` without byte fallback."""
+    if (path / "tokenizer.model").is_file() or not (path / "tokenizer.json").is_file():
+        return TokenizerKind.SPM
+    model = read_json(path / "tokenizer.json").get("model") or {}
+    if model.get("type") == "BPE" and not model.get("byte_fallback", False):
+        return TokenizerKind.BPE
+    return TokenizerKind.SPM
+
+
+def added_token_texts(path: Path) -> frozenset[str]:
+    """The contents of the added tokens ``tokenizer.json`` and ``tokenizer_config.json`` list."""
+    texts: set[str] = set()
+    if (path / "tokenizer.json").is_file():
+        texts |= {t.get("content") for t in read_json(path / "tokenizer.json").get("added_tokens") or []}
+    if (path / "tokenizer_config.json").is_file():
+        decoder = read_json(path / "tokenizer_config.json").get("added_tokens_decoder") or {}
+        texts |= {t.get("content") for t in decoder.values() if isinstance(t, dict)}
+    return frozenset(t for t in texts if isinstance(t, str))
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The checkpoint's chat template, where transformers' processor finds it first: ``chat_template.json``
+    (``{"chat_template": ...}``), then ``chat_template.jinja``, then ``tokenizer_config.json``'s."""
+    json_path, jinja_path, config_path = (
+        path / "chat_template.json", path / "chat_template.jinja", path / "tokenizer_config.json")
+    template = None
+    if json_path.is_file():
+        template = read_json(json_path).get("chat_template")
+    elif jinja_path.is_file():
+        template = jinja_path.read_text(encoding="utf-8")
+    elif config_path.is_file():
+        template = read_json(config_path).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{path}: the chat template is a {type(template).__name__}, not a string")
+    return template or None
+
+
+def choose_template(
+    layout: Layout, version: str, text: TextConfig, name: str, kind: TokenizerKind = TokenizerKind.SPM,
+    chat_template: str | None = None, added_tokens: frozenset[str] = frozenset(),
+) -> Template:
+    """The conversation template the model was trained with (LLaVA's ``conv_templates``), or the
+    checkpoint's own chat template for LLMs those templates do not cover (byte-level BPE, Phi-3)."""
     lowered = f"{name} {text.name_or_path}".lower()
-    if text.model_type == "mistral" or "mistral" in lowered:
-        return Template.MISTRAL_INSTRUCT
+    if kind is TokenizerKind.BPE or text.model_type in CHECKPOINT_TEMPLATE_MODELS:
+        if chat_template is not None:
+            return Template.CHECKPOINT
+        if text.model_type == "phi3":
+            return Template.PHI3
+        if kind is TokenizerKind.BPE and "<|start_header_id|>" in added_tokens:
+            return Template.LLAMA3
+        raise CheckpointError(
+            f"{name}: a {text.model_type} LLM with a {kind.value} tokenizer and no chat template "
+            "(chat_template.json, chat_template.jinja or tokenizer_config.json); add the model's chat template"
+        )
     if "34b" in lowered or "yi-" in lowered or text.vocab_size in (64000, 64064):
         return Template.CHATML_DIRECT
     if layout is Layout.LLAVA_HF and version == "1.5":
-        return Template.LLAVA_HF
+        return Template.LLAVA_HF  # llava-hf's 1.5 repos (Vicuna, BakLLaVA's Mistral): "USER: <image>\n... ASSISTANT:"
+    if text.model_type == "mistral" or "mistral" in lowered:
+        return Template.MISTRAL_INSTRUCT
     return Template.VICUNA_V1

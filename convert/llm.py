@@ -1,4 +1,5 @@
-"""The language model half: a llama-architecture GGUF (Vicuna, Llama 2, Yi, Mistral)."""
+"""The language model half: a llama-architecture GGUF (Vicuna, Llama 2 and 3, Yi, Mistral) or a phi3 one
+(Phi-3), as the LLM's `LlmFamily` entry says."""
 
 from __future__ import annotations
 
@@ -17,15 +18,9 @@ from llava_gguf.errors import CheckpointError
 from llava_gguf.metadata import FORMAT_VERSION, LlavaKeys
 
 log = logging.getLogger(__name__)
-ARCH = gguf.MODEL_ARCH.LLAMA
 Q = gguf.GGMLQuantizationType
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}
 
-PER_LAYER = (
-    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
 
 
 def permute_rope(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -44,8 +39,17 @@ def _expected_names(text: TextConfig) -> list[str]:
     if not text.tie_word_embeddings:
         names.append("lm_head.weight")
     for i in range(text.num_hidden_layers):
-        names += [f"model.layers.{i}.{suffix}" for suffix in PER_LAYER]
+        names += [f"model.layers.{i}.{suffix}" for suffix in text.family.per_layer]
     return names
+
+
+def _fused_rows(suffix: str, text: TextConfig) -> int | None:
+    """The rows a fused projection must have: [q; k; v] (n_head + 2 n_kv heads) or [gate; up]."""
+    if suffix == "self_attn.qkv_proj.weight":
+        return (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_size
+    if suffix == "mlp.gate_up_proj.weight":
+        return 2 * text.intermediate_size
+    return None
 
 
 def plan_llm_tensors(ckpt: LlavaCheckpoint, store: TensorStore, qtype: Q) -> list[PlannedTensor]:
@@ -68,13 +72,15 @@ def plan_llm_tensors(ckpt: LlavaCheckpoint, store: TensorStore, qtype: Q) -> lis
         shape = store.ref(source).shape
         if c in expected and shape[1] != expected[c][1]:
             raise CheckpointError(f"{ckpt.path}: {source} has shape {shape}, expected {expected[c]}")
+        rows = _fused_rows(c.split(".", 3)[-1], text)
+        if rows is not None and tuple(shape) != (rows, text.hidden_size):
+            raise CheckpointError(f"{ckpt.path}: {source} has shape {shape}, expected {(rows, text.hidden_size)}")
         target = Q.F32 if len(shape) == 1 else qtype
-        if c.endswith("self_attn.q_proj.weight"):
-            heads: int | None = text.num_attention_heads
-        elif c.endswith("self_attn.k_proj.weight"):
+        heads: int | None = None
+        if text.family.permute_qk and c.endswith("self_attn.q_proj.weight"):
+            heads = text.num_attention_heads
+        elif text.family.permute_qk and c.endswith("self_attn.k_proj.weight"):
             heads = text.num_key_value_heads
-        else:
-            heads = None
 
         def produce(source: str = source, heads: int | None = heads, target: Q = target) -> np.ndarray:
             # bf16 into bf16 passes the bits through: no f32 copy of the tensor
@@ -82,7 +88,25 @@ def plan_llm_tensors(ckpt: LlavaCheckpoint, store: TensorStore, qtype: Q) -> lis
             data = store.load_raw(source) if raw else store.load(source)
             return permute_rope(data, heads) if heads is not None else data
 
-        planned.append(PlannedTensor(gguf_name(c, ARCH, text.num_hidden_layers), shape, target, produce))
+        planned.append(PlannedTensor(gguf_name(c, text.family.arch, text.num_hidden_layers), shape, target, produce))
+    return planned + _rope_factor_tensors(text)
+
+
+def _rope_factor_tensors(text: TextConfig) -> list[PlannedTensor]:
+    """longrope's per-frequency divisors, [rotated dims / 2] each: llama.cpp uses the long ones when the
+    context is longer than original_max_position_embeddings, as transformers does past that length."""
+    if text.rope_scaling_kind != "longrope":
+        return []
+    assert text.rope_scaling is not None
+    planned = []
+    for tensor, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                        (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+        factors = np.asarray(text.rope_scaling[key], dtype=np.float32)
+
+        def produce(factors: np.ndarray = factors) -> np.ndarray:
+            return factors
+
+        planned.append(PlannedTensor(gguf.TENSOR_NAMES[tensor] + ".weight", factors.shape, Q.F32, produce))
     return planned
 
 
@@ -93,8 +117,8 @@ def write_llm(
     text = ckpt.text
     tensors = plan_llm_tensors(ckpt, store, qtype)
     n_vocab = next(t.shape[0] for t in tensors if t.name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight")
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCH])
-    writer.add_name(ckpt.name)
+    family = text.family
+    writer = gguf.GGUFWriter(path, family.arch_name)
     if text.context_length < text.max_position_embeddings:
         log.warning(
             "%s: context limited to the sliding window, %d positions (of %d), where llama.cpp computes what the reference does",
@@ -106,18 +130,24 @@ def write_llm(
     writer.add_feed_forward_length(text.intermediate_size)
     writer.add_head_count(text.num_attention_heads)
     writer.add_head_count_kv(text.num_key_value_heads)
-    writer.add_rope_dimension_count(text.head_size)
+    writer.add_rope_dimension_count(text.rope_dimension_count)
     if text.head_dim is not None and text.head_dim != text.hidden_size // text.num_attention_heads:
         writer.add_key_length(text.head_dim)
         writer.add_value_length(text.head_dim)
     writer.add_layer_norm_rms_eps(text.rms_norm_eps)
     writer.add_rope_freq_base(text.rope_theta)
-    if text.rope_scaling and text.rope_scaling.get("rope_type", text.rope_scaling.get("type")) == "linear":
+    if text.original_max_position_embeddings is not None:
+        writer.add_rope_scaling_orig_ctx_len(text.original_max_position_embeddings)
+    if text.rope_scaling_kind == "linear":
+        assert text.rope_scaling is not None
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(text.rope_scaling["factor"]))
+    elif text.rope_scaling_kind == "longrope":
+        writer.add_rope_scaling_attn_factors(text.longrope_attention_factor)
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(FILE_TYPES[qtype])
-    vocab = write_vocabulary(writer, ckpt.path, n_vocab, ckpt.layout)
+    vocab = write_vocabulary(writer, ckpt, n_vocab)
+    writer.add_name(ckpt.name)
     writer.add_uint32(LlavaKeys.FORMAT_VERSION, FORMAT_VERSION)
     writer.add_string(LlavaKeys.LLAVA_VERSION, ckpt.llava_version)
     writer.add_string(LlavaKeys.LAYOUT, ckpt.layout.value)

@@ -1,25 +1,33 @@
-"""The LLM's tokenizer, embedded in its GGUF as llama.cpp's SentencePiece ("llama") vocabulary.
+"""The LLM's tokenizer, embedded in its GGUF as llama.cpp's SentencePiece ("llama") vocabulary or its
+byte-level BPE ("gpt2") one.
 
-The base pieces come from ``tokenizer.model`` (its proto, types included) or, when
-a checkpoint ships only ``tokenizer.json``, from that file's BPE vocabulary. Added tokens
-(``<image>``, ``<pad>``, ...) come from ``tokenizer.json``, ``tokenizer_config.json`` and
-``added_tokens.json``; special ids, ``add_bos`` and any chat template come from gguf-py's
-`SpecialVocab`. The list is padded to the embedding's row count, as llama.cpp requires.
+SentencePiece: the base pieces come from ``tokenizer.model`` (its proto, types included) or, when
+a checkpoint ships only ``tokenizer.json``, from that file's byte-fallback BPE vocabulary. Byte-level
+BPE (Llama 3): the vocabulary and merges of ``tokenizer.json``, and ``tokenizer.ggml.pre`` named by
+comparing its split regex with the ones llama.cpp implements. Added tokens (``<image>``, ``<pad>``,
+``<|eot_id|>``...) come from ``tokenizer.json``, ``tokenizer_config.json`` and ``added_tokens.json``;
+special ids and ``add_bos`` come from gguf-py's `SpecialVocab`, every end-of-generation id from
+``generation_config.json`` and the tokenizer. The list is padded to the embedding's row count, as
+llama.cpp requires.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
-from llava_gguf.convert.checkpoint import read_json
+from llava_gguf.convert.checkpoint import LlavaCheckpoint, TokenizerKind, read_json
 from llava_gguf.errors import CheckpointError
 from llava_gguf.metadata import Layout, LlavaKeys
+
+log = logging.getLogger(__name__)
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _SPM_MODEL_TYPES = (1, 2)  # TrainerSpec.ModelType UNIGRAM, BPE
@@ -34,25 +42,27 @@ _SPM_PIECE_TYPES = {
 }
 
 
+@dataclass(frozen=True)
+class AddedToken:
+    id: int
+    content: str
+    special: bool
+    rstrip: bool = False  # the tokenizer drops whitespace after the token
+
+
 @dataclass
 class Vocabulary:
     tokens: list[bytes]
     scores: list[float]
     types: list[int]
     add_space_prefix: bool
+    added: dict[int, AddedToken] = field(default_factory=dict)
 
     def token_id(self, text: str) -> int | None:
         try:
             return self.tokens.index(text.encode("utf-8"))
         except ValueError:
             return None
-
-
-@dataclass(frozen=True)
-class AddedToken:
-    id: int
-    content: str
-    special: bool
 
 
 def _special_contents(directory: Path) -> set[str]:
@@ -75,11 +85,13 @@ def _added_tokens(directory: Path) -> dict[int, AddedToken]:
     tokenizer_json = directory / "tokenizer.json"
     if tokenizer_json.is_file():
         for t in read_json(tokenizer_json).get("added_tokens", []):
-            added[int(t["id"])] = AddedToken(int(t["id"]), t["content"], bool(t.get("special", False)))
+            added[int(t["id"])] = AddedToken(int(t["id"]), t["content"], bool(t.get("special", False)),
+                                             bool(t.get("rstrip", False)))
     config = directory / "tokenizer_config.json"
     if config.is_file():
         for tid, t in (read_json(config).get("added_tokens_decoder") or {}).items():
-            added.setdefault(int(tid), AddedToken(int(tid), t["content"], bool(t.get("special", False))))
+            added.setdefault(int(tid), AddedToken(int(tid), t["content"], bool(t.get("special", False)),
+                                                  bool(t.get("rstrip", False))))
     added_json = directory / "added_tokens.json"
     if added_json.is_file():
         # transformers adds these as plain (non-special) tokens unless special_tokens_map names them
@@ -138,15 +150,114 @@ def _from_tokenizer_json(directory: Path) -> Vocabulary:
     return Vocabulary(tokens, scores, types, add_space_prefix=prepends or bool({"first", "always"} & set(schemes)))
 
 
-def read_vocabulary(directory: Path, n_vocab: int) -> Vocabulary:
+# The split regexes of byte-level BPE pre-tokenizers as tokenizer.json spells them, each with the
+# ignore_merges llama.cpp applies, to the tokenizer.ggml.pre name llama.cpp reads (src/llama-vocab.cpp,
+# llama.cpp b8xxx as vendored by llama-cpp-python 0.3.36: its "original regex from tokenizer.json"
+# comments). None: a lone ByteLevel pre-tokenizer with use_regex, whose regex is GPT-2's.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+                r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SEED_CODER_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_PRE_TOKENIZERS: dict[tuple[str | None, bool], str] = {
+    (_LLAMA3_SPLIT, True): "llama-bpe",  # Llama 3: digits in groups of 1-3
+    (_LLAMA3_SPLIT, False): "smaug-bpe",  # the same split, merges always applied
+    (_QWEN2_SPLIT, False): "qwen2",
+    (_QWEN35_SPLIT, False): "qwen35",
+    (_GPT4O_SPLIT, False): "gpt-4o",
+    (_TEKKEN_SPLIT, True): "tekken",
+    (_SEED_CODER_SPLIT, False): "seed-coder",
+    (None, False): "gpt-2",
+}
+
+
+def bpe_pre_tokenizer(data: dict[str, Any], where: Path) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer.json: its split regex (and
+    ``ignore_merges``) compared with the pre-tokenizers llama.cpp implements; anything else is refused."""
+    steps = data.get("pre_tokenizer") or {}
+    steps = steps.get("pretokenizers", []) if steps.get("type") == "Sequence" else [steps]
+    split: str | None = None
+    byte_level = [s for s in steps if isinstance(s, dict) and s.get("type") == "ByteLevel"]
+    splits = [s for s in steps if isinstance(s, dict) and s.get("type") == "Split"]
+    others = [s.get("type") if isinstance(s, dict) else s for s in steps if s not in byte_level + splits]
+    if len(byte_level) != 1 or len(splits) > 1 or others:
+        kinds = [s.get("type") if isinstance(s, dict) else s for s in steps]
+        raise CheckpointError(
+            f"{where}: byte-level BPE pre-tokenizer {kinds} is not one llama.cpp implements; "
+            "expected a ByteLevel step, after at most one Split"
+        )
+    if byte_level[0].get("add_prefix_space"):
+        raise CheckpointError(f"{where}: a ByteLevel pre-tokenizer with add_prefix_space; llama.cpp's BPE adds no prefix space")
+    if splits:
+        pattern = splits[0].get("pattern") or {}
+        split = pattern.get("Regex", pattern.get("String"))
+        if splits[0].get("behavior", "Isolated") != "Isolated" or splits[0].get("invert", False):
+            raise CheckpointError(f"{where}: a Split pre-tokenizer with behavior {splits[0].get('behavior')!r} "
+                                  f"(invert={splits[0].get('invert')}); llama.cpp implements Isolated splits")
+        if byte_level[0].get("use_regex", True):
+            raise CheckpointError(f"{where}: a Split followed by a ByteLevel with use_regex; llama.cpp splits once")
+    elif not byte_level[0].get("use_regex", True):
+        raise CheckpointError(f"{where}: a ByteLevel pre-tokenizer without a split regex; llama.cpp needs one")
+    ignore_merges = bool((data.get("model") or {}).get("ignore_merges", False))
+    name = BPE_PRE_TOKENIZERS.get((split, ignore_merges))
+    if name is None:
+        raise CheckpointError(
+            f"{where}: unknown BPE pre-tokenizer split {split!r} (ignore_merges={ignore_merges}); llama.cpp "
+            f"implements {', '.join(sorted(set(BPE_PRE_TOKENIZERS.values())))}, so the converter cannot name it"
+        )
+    return name
+
+
+def _from_byte_level_bpe(directory: Path) -> Vocabulary:
+    """A byte-level BPE vocabulary as llama.cpp's "gpt2" model holds it: the pieces as tokenizer.json
+    spells them (bytes mapped to printable characters, "Ġ" for a space)."""
+    data = read_json(directory / "tokenizer.json")
+    pieces: dict[str, int] = (data.get("model") or {})["vocab"]
+    n = max(pieces.values()) + 1
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    types = [int(gguf.TokenType.UNUSED)] * n
+    for piece, tid in pieces.items():
+        tokens[tid] = piece.encode("utf-8")
+        types[tid] = int(gguf.TokenType.NORMAL)
+    return Vocabulary(tokens, [0.0] * n, types, add_space_prefix=False)
+
+
+def bpe_merges(directory: Path) -> list[str]:
+    """tokenizer.json's merges as llama.cpp reads them: "left right" strings."""
+    merges = (read_json(directory / "tokenizer.json").get("model") or {}).get("merges") or []
+    out = []
+    for m in merges:
+        pair = m.split(" ") if isinstance(m, str) else list(m)
+        if len(pair) != 2 or any(" " in part for part in pair):
+            raise CheckpointError(f"{directory}/tokenizer.json: merge {m!r} is not two space-free pieces")
+        out.append(" ".join(pair))
+    if not out:
+        raise CheckpointError(f"{directory}/tokenizer.json: a BPE tokenizer without merges")
+    return out
+
+
+def read_vocabulary(directory: Path, n_vocab: int, kind: TokenizerKind = TokenizerKind.SPM) -> Vocabulary:
     """The token list of a checkpoint's tokenizer, padded to ``n_vocab`` (the embedding rows)."""
-    if (directory / "tokenizer.model").is_file():
+    if kind is TokenizerKind.BPE:
+        vocab = _from_byte_level_bpe(directory)
+    elif (directory / "tokenizer.model").is_file():
         vocab = _from_sentencepiece(directory)
     elif (directory / "tokenizer.json").is_file():
         vocab = _from_tokenizer_json(directory)
     else:
         raise CheckpointError(f"{directory}: no tokenizer (tokenizer.model or tokenizer.json) found")
-    for token in sorted(_added_tokens(directory).values(), key=lambda t: t.id):
+    vocab.added = _added_tokens(directory)
+    for token in sorted(vocab.added.values(), key=lambda t: t.id):
         while len(vocab.tokens) <= token.id:
             vocab.tokens.append(f"[PAD{len(vocab.tokens)}]".encode())
             vocab.scores.append(-1000.0)
@@ -203,15 +314,46 @@ def space_after_special(directory: Path, layout: Layout) -> bool:
     return bool(legacy)
 
 
-def write_vocabulary(writer: gguf.GGUFWriter, directory: Path, n_vocab: int, layout: Layout) -> Vocabulary:
-    vocab = read_vocabulary(directory, n_vocab)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_add_space_prefix(vocab.add_space_prefix)
-    writer.add_bool(LlavaKeys.SPACE_AFTER_SPECIAL, space_after_special(directory, layout))
+# turn-end tokens: the single one among the end ids becomes tokenizer.ggml.eot_token_id
+EOT_TOKENS = ("<|eot_id|>", "<|end|>", "<|im_end|>", "<end_of_turn>")
+def end_token_ids(directory: Path, vocab: Vocabulary, tokenizer_eos: int | None) -> list[int]:
+    """Every id that ends an answer: generation_config.json's ``eos_token_id`` (an int or a list),
+    then the tokenizer's eos."""
+    ids: list[int] = []
+    path = directory / "generation_config.json"
+    value = read_json(path).get("eos_token_id") if path.is_file() else None
+    for tid in [*(value if isinstance(value, list) else [value]), tokenizer_eos]:
+        if isinstance(tid, int) and tid not in ids:
+            if not 0 <= tid < len(vocab.tokens):
+                raise CheckpointError(f"{path}: eos_token_id {tid} is outside the vocabulary ({len(vocab.tokens)} tokens)")
+            ids.append(tid)
+    return ids
+
+
+def write_vocabulary(writer: gguf.GGUFWriter, ckpt: LlavaCheckpoint, n_vocab: int) -> Vocabulary:
+    """The tokenizer keys: vocabulary, special ids, add_bos, the chat template and the end ids."""
+    directory, layout = ckpt.path, ckpt.layout
+    vocab = read_vocabulary(directory, n_vocab, ckpt.tokenizer_kind)
+    writer.add_tokenizer_model(ckpt.tokenizer_kind.value)
+    if ckpt.tokenizer_kind is TokenizerKind.BPE:
+        writer.add_tokenizer_pre(bpe_pre_tokenizer(read_json(directory / "tokenizer.json"), directory))
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.types)
+        writer.add_token_merges(bpe_merges(directory))
+    else:
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_scores(vocab.scores)
+        writer.add_token_types(vocab.types)
+        writer.add_add_space_prefix(vocab.add_space_prefix)
+        writer.add_bool(LlavaKeys.SPACE_AFTER_SPECIAL, space_after_special(directory, layout))
     special = gguf.SpecialVocab(directory, n_vocab=n_vocab)
+    special.chat_template = ckpt.chat_template  # the processor's first, as transformers reads it
+    ends = end_token_ids(directory, vocab, special.special_token_ids.get("eos"))
+    turn_ends = [i for i in ends if vocab.tokens[i].decode("utf-8", "replace") in EOT_TOKENS]
+    if "eot" not in special.special_token_ids and len(turn_ends) == 1:
+        special.special_token_ids["eot"] = turn_ends[0]
     special.add_to_gguf(writer, quiet=True)
+    if ends:
+        writer.add_array(LlavaKeys.EOS_TOKEN_IDS, ends)
     return vocab

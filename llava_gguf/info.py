@@ -10,6 +10,7 @@ import gguf
 
 from llava_gguf.errors import GGUFFormatError
 from llava_gguf.guess import guess_template
+from llava_gguf.llm.templates import Template
 from llava_gguf.metadata import ClipKeys, GGUFFields, Layout, LlavaKeys, VisionSettings, read_gguf
 
 # whose answers the runtime reproduces for a checkpoint of each layout
@@ -76,14 +77,28 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
             "pad_token_id": fields.get(gguf.Keys.Tokenizer.PAD_ID),
             "add_bos_token": fields.get(gguf.Keys.Tokenizer.ADD_BOS),
         }
-        info["template"] = fields.get(LlavaKeys.TEMPLATE)
-        if info["template"] is None and tokens:  # another tool's file: the runtime's guess
-            vocabulary = set(tokens)
-            metadata = {key: fields.get(key) for key in fields.keys() if not key.startswith("tokenizer.ggml.")}
-            guess = guess_template(metadata, vocabulary.__contains__)
-            info["template"] = f"{guess.template.value} (guessed from {guess.reason})"
+        info["tokenizer"]["pre"] = fields.get(gguf.Keys.Tokenizer.PRE)
+        info["tokenizer"]["eos_token_ids"] = fields.get(LlavaKeys.EOS_TOKEN_IDS)
+        info["template"], info["template_source"] = _template(fields, tokens)
         info["chat_template"] = fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     return info
+
+
+def _template(fields: GGUFFields, tokens: list[str] | None) -> tuple[str | None, str | None]:
+    """The template the runtime uses for this LLM, and where it comes from, in words."""
+    named = fields.get(LlavaKeys.TEMPLATE)
+    if named == Template.CHECKPOINT.value:
+        return named, (f"the checkpoint's chat template ({gguf.Keys.Tokenizer.CHAT_TEMPLATE}), "
+                       "rendered as transformers does")
+    if named is not None:
+        return named, f"the file's {LlavaKeys.TEMPLATE}"
+    if not tokens:
+        return None, None
+    # another tool's file: the runtime's guess
+    vocabulary = set(tokens)
+    metadata = {key: fields.get(key) for key in fields.keys() if not key.startswith("tokenizer.ggml.")}
+    guess = guess_template(metadata, vocabulary.__contains__)
+    return f"{guess.template.value} (guessed from {guess.reason})", f"guessed from {guess.reason}"
 
 
 def _file_type(value: int | None) -> str | None:

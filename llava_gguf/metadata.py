@@ -8,7 +8,9 @@ in the project's own namespace (``llava_gguf.*``) carry what llama.cpp has no ke
 from __future__ import annotations
 
 import enum
+import mmap
 import os
+import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,8 +21,9 @@ from llava_gguf.errors import GGUFFormatError, ModelLoadError
 FORMAT_VERSION = 1
 # bumped whenever the converter writes different files for the same checkpoint (the conversion
 # cache keys on it, so conversions made before a fix are made again): 2 = RoPE from
-# rope_parameters, sentencepiece piece types, tokenizer.space_after_special
-CONVERTER_REVISION = 2
+# rope_parameters, sentencepiece piece types, tokenizer.space_after_special; 3 = the LLaVA family's other
+# LLMs (Llama-3 BPE, Phi-3, Mistral 1.5), eos_token_ids, the checkpoint's chat template
+CONVERTER_REVISION = 3
 
 
 class Layout(str, enum.Enum):
@@ -66,6 +69,8 @@ class LlavaKeys:
     TEMPLATE = "llava_gguf.template"
     IMAGE_TOKEN_ID = "llava_gguf.image_token_id"
     TOKENIZE_MODE = "llava_gguf.tokenize_mode"
+    # every token id that ends an answer (generation_config.json's eos_token_id list, the tokenizer's eos)
+    EOS_TOKEN_IDS = "llava_gguf.eos_token_ids"
     # whether the reference tokenizer gives text after a special token the "▁" prefix (transformers' legacy)
     SPACE_AFTER_SPECIAL = "llava_gguf.tokenizer.space_after_special"
 
@@ -341,3 +346,60 @@ class GGUFFields:
 
     def keys(self) -> list[str]:
         return list(self._fields)
+
+
+# GGUF value types (gguf.GGUFValueType) -> struct format of one scalar; STRING and ARRAY are read apart
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_header_keys(path: str | os.PathLike[str], keys: set[str]) -> dict[str, Any]:
+    """The values of ``keys`` in a GGUF's header, read without building the rest (an LLM's vocabulary
+    holds hundreds of thousands of strings, which `gguf.GGUFReader` turns into arrays one by one).
+    Keys the file lacks are absent from the result."""
+    wanted, found = set(keys), {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[:4] != b"GGUF":
+                raise GGUFFormatError(f"{path}: not a GGUF file")
+            (n_kv,) = struct.unpack_from("<Q", data, 16)
+            pos = 24
+
+            def read_string(at: int) -> tuple[str, int]:
+                (n,) = struct.unpack_from("<Q", data, at)
+                return data[at + 8 : at + 8 + n].decode("utf-8", errors="replace"), at + 8 + n
+
+            def read_value(kind: int, at: int, keep: bool) -> tuple[Any, int]:
+                if kind == _STRING:
+                    if keep:
+                        return read_string(at)
+                    (n,) = struct.unpack_from("<Q", data, at)
+                    return None, at + 8 + n
+                if kind == _ARRAY:
+                    sub, n = struct.unpack_from("<IQ", data, at)
+                    at += 12
+                    if sub in _SCALARS:
+                        size = struct.calcsize(_SCALARS[sub])
+                        items = list(struct.unpack_from(f"<{n}{_SCALARS[sub]}", data, at)) if keep else None
+                        return items, at + n * size
+                    items = []
+                    for _ in range(n):
+                        item, at = read_value(sub, at, keep)
+                        items.append(item)
+                    return (items if keep else None), at
+                fmt = "<" + _SCALARS[kind]
+                return (struct.unpack_from(fmt, data, at)[0] if keep else None), at + struct.calcsize(fmt)
+
+            for _ in range(n_kv):
+                key, pos = read_string(pos)
+                (kind,) = struct.unpack_from("<I", data, pos)
+                value, pos = read_value(kind, pos + 4, key in wanted)
+                if key in wanted:
+                    found[key] = value
+                    if len(found) == len(wanted):
+                        break
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"{path}: no such file") from e
+    except (struct.error, KeyError, ValueError, OSError) as e:
+        raise GGUFFormatError(f"{path}: not a readable GGUF header ({e})") from e
+    return found

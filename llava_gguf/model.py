@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 from PIL import Image
 
@@ -25,19 +26,27 @@ from llava_gguf.feature_cache import FeatureCache
 from llava_gguf.guess import TemplateGuess, guess_template
 from llava_gguf.image.load import ImageSource, image_digest, load_image
 from llava_gguf.image.preprocess import preprocess
+from llava_gguf.llm.chat_template import render_chat_template
 from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime
 from llava_gguf.llm.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from llava_gguf.llm.prompt_cache import PromptCache
 from llava_gguf.llm.sampling import Sampler, SamplingOptions
 from llava_gguf.llm.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.llm.templates import Message, Role, Template, render, user_text
-from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf
+from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf, read_header_keys
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.paths import prompts_dir
 from llava_gguf.vision import DEFAULT_CACHE_BYTES, VisionEncoder
 from llava_gguf.vision.choose import EncoderChoice, choose_encoder
 
 log = logging.getLogger(__name__)
+
+# the tokenizer's named special tokens transformers passes to a chat template (its special_tokens_map)
+SPECIAL_TOKEN_KEYS = {
+    "bos_token": gguf.Keys.Tokenizer.BOS_ID, "eos_token": gguf.Keys.Tokenizer.EOS_ID,
+    "unk_token": gguf.Keys.Tokenizer.UNK_ID, "sep_token": gguf.Keys.Tokenizer.SEP_ID,
+    "pad_token": gguf.Keys.Tokenizer.PAD_ID, "mask_token": gguf.Keys.Tokenizer.MASK_ID,
+}
 
 TileCallback = Callable[[int, int], None]
 
@@ -143,6 +152,14 @@ class LlavaModel:
             template = self.template_guess.template
             self.tokenize_mode, self.image_token_id = TokenizeMode.SPLIT, None
         self.template = options.template or template
+        self.chat_template: str | None = meta.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE) or None
+        if self.template is Template.CHECKPOINT and self.chat_template is None:
+            raise ModelLoadError(f"{self.llm_path.name} carries no chat template (tokenizer.chat_template), so "
+                                 "there is no checkpoint template to use; choose another --template")
+        self.special_tokens = self._special_tokens(meta)
+        # every end-of-generation id the file names beyond llama.cpp's own (llama_vocab_is_eog)
+        ids = read_header_keys(self.llm_path, {LlavaKeys.EOS_TOKEN_IDS}).get(LlavaKeys.EOS_TOKEN_IDS) or []
+        self.end_token_ids = frozenset(int(i) for i in ids)
         self.encoder = self._make_encoder()
         if self.settings.image_mode is ImageMode.ANYRES and self.encoder.image_newline is None:
             raise GGUFFormatError(
@@ -154,6 +171,20 @@ class LlavaModel:
                 f"{self.mmproj_path.name} projects images to width {self.encoder.llm_hidden_size} but "
                 f"{self.llm_path.name} has width {self.runtime.n_embd}: the two files do not belong together"
             )
+
+    def _special_tokens(self, meta: dict[str, str]) -> dict[str, str]:
+        """The named special tokens' texts, as a chat template gets them from transformers."""
+        out = {}
+        for name, key in SPECIAL_TOKEN_KEYS.items():
+            value = meta.get(key)
+            if value is not None and 0 <= int(value) < self.runtime.n_vocab:
+                out[name] = self.runtime.token_bytes(int(value)).decode("utf-8", errors="replace")
+        return out
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """Whether ``token`` ends an answer: llama.cpp's end-of-generation tokens, and every id in the
+        file's ``llava_gguf.eos_token_ids`` (generation_config's list, e.g. Llama-3's <|eot_id|>)."""
+        return token in self.end_token_ids or self.runtime.is_end_of_generation(token)
 
     @classmethod
     def load(cls, model: str | Path, options: RuntimeOptions = RuntimeOptions(), *, quant: str | None = None,
@@ -248,11 +279,19 @@ class LlavaModel:
     # ------------------------------------------------------------------ prompts
 
     def render(self, messages: list[Message], system: str | None = None) -> str:
+        """The prompt text for a conversation: the checkpoint's own chat template rendered as transformers
+        renders it (``Template.CHECKPOINT``), else the named template."""
+        if self.template is Template.CHECKPOINT:
+            assert self.chat_template is not None  # checked at load
+            return render_chat_template(self.chat_template, messages, system, self.special_tokens)
         return render(self.template, messages, system)
 
-    def sequence(self, prompt: str, images: Sequence[PreparedImage]) -> list[Item]:
+    def sequence(self, prompt: str, images: Sequence[PreparedImage], *, rendered: bool = True) -> list[Item]:
+        """The prompt's token ids and image slots. ``rendered``: the text came from a template, so a BOS it
+        opens with is not doubled (transformers' processor); a raw prompt gets the vocabulary's BOS as given."""
         self._pending.update({p.slot.key: p for p in images})
-        return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id)
+        return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id,
+                               self.special_tokens.get("bos_token") if rendered else None)
 
     def prefill(self, items: list[Item], reserve: int = 0) -> None:
         """Make the KV cache hold exactly ``items``, reusing the longest cached prefix: the one in the
@@ -333,7 +372,7 @@ class LlavaModel:
     def prompt_logits(self, prompt: str, images: Sequence[ImageSource] = ()) -> np.ndarray:
         """Final-position logits ``[n_vocab]`` of a raw prompt with one ``<image>`` per image."""
         prepared = [self.prepare_image(i) for i in images]
-        self.prefill(self.sequence(prompt, prepared))
+        self.prefill(self.sequence(prompt, prepared, rendered=False))
         return self.runtime.last_logits()
 
     def generate(self, items: list[Item], options: GenerationOptions = GenerationOptions()) -> Iterator[int]:
@@ -346,7 +385,7 @@ class LlavaModel:
         try:
             for _ in range(options.max_tokens):
                 token = sampler.sample(self.runtime.last_logits(), history)
-                if self.runtime.is_end_of_generation(token):
+                if self.is_end_of_generation(token):
                     break
                 self.timings.n_generated += 1
                 yield token
@@ -431,7 +470,7 @@ class Chat:
             message = Message(Role.USER, user_text(text, len(prepared)))
             prompt = model.render([*self.messages, message], self.system)
             all_images = [*self.images, *prepared]
-        items = model.sequence(prompt, all_images)
+        items = model.sequence(prompt, all_images, rendered=not raw)
         model.timings.n_image_tokens = [p.slot.n_tokens for p in prepared]
         self.last_prompt, self.last_items, self.last_tokens = prompt, items, []
         answer: list[str] = []

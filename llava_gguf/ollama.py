@@ -5,7 +5,8 @@ The store is ``$OLLAMA_MODELS``, else ``~/.ollama/models``. A model ``[host/][na
 ``manifests/<host>/<namespace>/<name>/<tag>``: JSON whose ``layers`` name blobs by digest
 (``sha256:<hex>`` -> ``blobs/sha256-<hex>``) and media type. The LLM is the ``...image.model``
 layer, the mmproj the ``...image.projector`` layer; the ``...image.template`` layer holds ollama's
-prompt template (Go text/template), evidence for the conversation template.
+prompt template (Go text/template), evidence for the conversation template (``llava-llama3``'s writes
+``<|start_header_id|>``, ``llava-phi3``'s ``<|user|>``, ``llava`` and ``bakllava``'s ``USER: ... ASSISTANT:``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def resolve_ollama(name: str, store: Path | None = None) -> OllamaModel:
         raise ModelLoadError(f"{PREFIX}{name}: its manifest names no model layer")
     if MEDIA_PROJECTOR not in by_type:
         raise ModelLoadError(f"{PREFIX}{name}: no image projector layer, so not a LLaVA model with a separate "
-                             "projector; llava-gguf runs ollama's llava, bakllava and llava-llama3-style models")
+                             "projector; llava-gguf runs ollama's llava, bakllava, llava-llama3 and llava-phi3-style models")
     template = None
     if MEDIA_TEMPLATE in by_type:
         path = _blob(store, name, by_type[MEDIA_TEMPLATE])

@@ -43,6 +43,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     MistralConfig,
+    Phi3Config,
 )
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
@@ -558,6 +559,8 @@ def _t4_config(config: dict[str, Any]) -> dict[str, Any]:
     if rope is not None:
         config["rope_theta"] = rope.get("rope_theta")
         config["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+        if "partial_rotary_factor" in rope:  # Phi3Config: flat in transformers 4
+            config["partial_rotary_factor"] = rope["partial_rotary_factor"]
     for sub in ("text_config", "vision_config"):
         if isinstance(config.get(sub), dict):
             _t4_config(config[sub])
@@ -565,7 +568,8 @@ def _t4_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_llava_hf(dest: Path, model: torch.nn.Module, llava_version: str, *, spelling: int,
-                   save_dtype: torch.dtype, max_shard_size: str | None) -> None:
+                   save_dtype: torch.dtype, max_shard_size: str | None,
+                   generation_config: dict[str, Any] | None = None) -> None:
     save_safetensors(dest, hf_tensors(model, spelling), save_dtype, max_shard_size)
     model.config.save_pretrained(str(dest))  # config.json as transformers writes it
     config = {"architectures": [type(model).__name__],
@@ -576,7 +580,7 @@ def write_llava_hf(dest: Path, model: torch.nn.Module, llava_version: str, *, sp
     config.pop("transformers_version", None)
     _write_json(dest / "config.json", config)
     _write_json(dest / "generation_config.json",
-                {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": SP_VOCAB_SIZE + 1})
+                generation_config or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": SP_VOCAB_SIZE + 1})
     if llava_version == "1.5":
         pre = clip_preprocessor_config("CLIPImageProcessor")
         processor_class = "LlavaProcessor"
@@ -791,4 +795,265 @@ def build_checkpoint(
         sp_model_path=sp_model_path,
         image_processor=reference_image_processor(llava_version, pad_to_square=not llava_hf),
         image_token_id=(USER_DEFINED_IMAGE_ID if user_defined else SP_VOCAB_SIZE) if llava_hf else None,
+    )
+
+
+# ---------------------------------------------------------------- the LLaVA family's other LLMs
+#
+# llava-hf checkpoints whose LLM is Llama 3 (a byte-level BPE tokenizer.json, no tokenizer.model) or
+# Phi-3 (Phi3ForCausalLM: fused qkv_proj / gate_up_proj, SentencePiece with added chat tokens), each
+# with its chat templates (the processor's in chat_template.json, the tokenizer's in tokenizer_config.json)
+# and a generation_config.json listing every end-of-turn id. A Mistral LLaVA 1.5 (BakLLaVA) is
+# ``build_checkpoint(root, llava_version="1.5", layout="llava-hf", llm="mistral")``.
+
+FAMILIES = ("llama3", "phi3")
+BPE_VOCAB_SIZE = 640  # trained byte-level pieces (256 bytes + merges), before the added tokens
+# Llama 3's pre-tokenizer split, as its tokenizer.json spells it: digits in groups of 1-3
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_USER_DEFINED = "<|note|>"  # a non-special added token: llama.cpp's USER_DEFINED
+# Meta-Llama-3-8B-Instruct's tokenizer chat template
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# llava-hf/llama3-llava-next-8b-hf's processor chat template (images first, then text)
+LLAMA3_PROCESSOR_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + '<|eot_id|>' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+# Phi-3's added tokens in their order from id 32000 (here from SP_VOCAB_SIZE), and whether the tokenizer
+# strips the whitespace after each (Phi-3-mini's tokenizer_config.json)
+PHI3_ADDED = (
+    ("<|endoftext|>", False), ("<|assistant|>", True), ("<|placeholder1|>", True), ("<|placeholder2|>", True),
+    ("<|placeholder3|>", True), ("<|placeholder4|>", True), ("<|system|>", True), ("<|end|>", True),
+    ("<|placeholder5|>", True), ("<|placeholder6|>", True), ("<|user|>", True),
+)
+PHI3_VOCAB_SIZE = SP_VOCAB_SIZE + len(PHI3_ADDED) + 1 + 4  # + <image>, then unused rows (Phi-3: 32064)
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_PROCESSOR_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>\n' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{{ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ByteLevelTokenizer:
+    """A trained Llama-3-style tokenizer.json and the ids of its added tokens."""
+
+    path: Path  # tokenizer.json
+    ids: dict[str, int]  # added token -> id (LLAMA3_SPECIAL, LLAMA3_USER_DEFINED, <image>, <pad>)
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.ids.values()) + 1
+
+
+def train_byte_level_bpe(root: Path, split: str = LLAMA3_SPLIT, vocab_size: int = BPE_VOCAB_SIZE) -> ByteLevelTokenizer:
+    """Train a Llama-3-style byte-level BPE tokenizer (``split`` then ByteLevel, ignore_merges, BOS added by
+    the post-processor) on `training_text`, with Llama 3's special tokens, a user-defined token, ``<image>``
+    and ``<pad>`` after the trained pieces."""
+    from tokenizers import AddedToken as TkAddedToken
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(training_text(), trainer)
+    tok.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL])
+    tok.add_tokens([TkAddedToken(LLAMA3_USER_DEFINED, special=False, normalized=False)])
+    tok.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in (IMAGE_TOKEN, PAD_TOKEN)])
+    ids = {t: tok.token_to_id(t) for t in (*LLAMA3_SPECIAL, LLAMA3_USER_DEFINED, IMAGE_TOKEN, PAD_TOKEN)}
+    bos = LLAMA3_SPECIAL[0]
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                      special_tokens=[(bos, ids[bos])]),
+    ])
+    path = root / "tokenizer.json"
+    tok.save(str(path))
+    return ByteLevelTokenizer(path, ids)
+
+
+def _decoder_entry(content: str, *, special: bool = True, rstrip: bool = False) -> dict[str, Any]:
+    return {**_added_token(content), "special": special, "rstrip": rstrip}
+
+
+def write_llama3_tokenizer(dest: Path, bpe: ByteLevelTokenizer) -> None:
+    """tokenizer.json, tokenizer_config.json (Llama 3's chat template) and special_tokens_map.json."""
+    shutil.copyfile(bpe.path, dest / "tokenizer.json")
+    decoder = {str(i): _decoder_entry(t, special=t != LLAMA3_USER_DEFINED)
+               for t, i in sorted(bpe.ids.items(), key=lambda kv: kv[1])}
+    _write_json(dest / "tokenizer_config.json", {
+        "added_tokens_decoder": decoder,
+        "bos_token": "<|begin_of_text|>",
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "<|end_of_text|>",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 8192,
+        "pad_token": PAD_TOKEN,
+        "padding_side": "left",
+        "processor_class": "LlavaProcessor",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+    _write_json(dest / "special_tokens_map.json", {
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": PAD_TOKEN})
+
+
+def phi3_reference_tokenizer(sp_model_path: Path) -> TokenizersBackend:
+    """The SentencePiece tokenizer with Phi-3's added tokens (then ``<image>``) after its pieces."""
+    tok = reference_tokenizer(sp_model_path, with_image_token=False)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False, rstrip=rstrip) for t, rstrip in PHI3_ADDED],
+                   special_tokens=True)
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    assert tok.convert_tokens_to_ids([PHI3_ADDED[0][0], IMAGE_TOKEN]) == [SP_VOCAB_SIZE, SP_VOCAB_SIZE + len(PHI3_ADDED)]
+    return tok
+
+
+def write_phi3_tokenizer(dest: Path, tokenizer: TokenizersBackend, sp_model_path: Path) -> None:
+    """tokenizer.model, tokenizer.json (Hub form: "</s>" and the chat tokens strip the whitespace after them),
+    tokenizer_config.json (Phi-3's chat template) and special_tokens_map.json."""
+    shutil.copyfile(sp_model_path, dest / "tokenizer.model")
+    data = llama_tokenizer_json(tokenizer)
+    rstrip = {t: r for t, r in PHI3_ADDED} | {"</s>": True}
+    for added in data["added_tokens"]:
+        added["rstrip"] = rstrip.get(added["content"], False)
+    _write_json(dest / "tokenizer.json", data)
+    decoder = {str(t["id"]): _decoder_entry(t["content"], rstrip=t["rstrip"]) for t in data["added_tokens"]}
+    _write_json(dest / "tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": "<s>",
+        "chat_template": PHI3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "processor_class": "LlavaProcessor",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+    })
+    _write_json(dest / "special_tokens_map.json", {
+        "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"})
+
+
+def family_text_config(family: str, vocab_size: int, *, bos: int, eos: int, pad: int,
+                       partial_rotary_factor: float = 1.0, longrope: bool = False) -> LlamaConfig | Phi3Config:
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                  bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    if family == "llama3":
+        return LlamaConfig(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, **common)
+    if family == "phi3":
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0,
+                                "partial_rotary_factor": partial_rotary_factor}
+        if longrope:
+            # Phi-3-mini-128k: longrope factors over 32x the 4096 trained positions, no sliding window
+            pairs = int(64 // 4 * partial_rotary_factor) // 2
+            gen = torch.Generator().manual_seed(7)
+            rope.update(rope_type="longrope",
+                        long_factor=(1 + 3 * torch.rand(pairs, generator=gen)).tolist(),
+                        short_factor=(1 + 0.5 * torch.rand(pairs, generator=gen)).tolist())
+            return Phi3Config(rms_norm_eps=1e-5, max_position_embeddings=131072, original_max_position_embeddings=4096,
+                              sliding_window=None, rope_parameters=rope, **common)
+        # Phi-3-mini-4k: a 2047-position sliding window, RoPE trained at 4096 positions
+        return Phi3Config(rms_norm_eps=1e-5, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                          sliding_window=2047, rope_parameters=rope, **common)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def build_family_checkpoint(
+    root: Path,
+    *,
+    family: str,
+    llava_version: str = "1.5",
+    spelling: int = 4,
+    seed: int = 0,
+    sp_model_path: Path | None = None,
+    bpe: ByteLevelTokenizer | None = None,
+    partial_rotary_factor: float = 1.0,
+    longrope: bool = False,
+) -> TinyCheckpoint:
+    """A tiny random llava-hf checkpoint whose LLM is ``family`` ("llama3": Llama 3 with a byte-level BPE
+    tokenizer.json; "phi3": Phi-3 with SentencePiece plus its chat tokens), LLaVA 1.5 or 1.6 (NeXT).
+    ``AutoProcessor.from_pretrained(path)`` loads it (its chat template in chat_template.json).
+    ``sp_model_path`` / ``bpe`` reuse trained tokenizers; ``partial_rotary_factor`` and ``longrope`` (Phi-3-128k's
+    RoPE scaling) shape Phi-3's RoPE."""
+    if family == "llama3":
+        bpe = bpe or train_byte_level_bpe(root / "byte-level-bpe")
+        ids = bpe.ids
+        image_id, vocab_size = ids[IMAGE_TOKEN], bpe.vocab_size
+        bos, eos, pad = ids["<|begin_of_text|>"], ids["<|end_of_text|>"], ids[PAD_TOKEN]
+        generation = {"bos_token_id": bos, "eos_token_id": [eos, ids["<|eot_id|>"]], "pad_token_id": pad}
+        processor_template, tokenizer_path = LLAMA3_PROCESSOR_TEMPLATE, bpe.path
+    elif family == "phi3":
+        sp_model_path = sp_model_path or train_tokenizer(root / "sentencepiece")
+        phi3 = phi3_reference_tokenizer(sp_model_path)
+        image_id, vocab_size = SP_VOCAB_SIZE + len(PHI3_ADDED), PHI3_VOCAB_SIZE
+        added = {t: SP_VOCAB_SIZE + i for i, (t, _) in enumerate(PHI3_ADDED)}
+        bos, eos, pad = 1, added["<|endoftext|>"], added["<|endoftext|>"]
+        generation = {"bos_token_id": bos, "eos_token_id": [eos, added["<|assistant|>"], added["<|end|>"]],
+                      "pad_token_id": pad}
+        processor_template, tokenizer_path = PHI3_PROCESSOR_TEMPLATE, sp_model_path
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+    text = family_text_config(family, vocab_size, bos=bos, eos=eos, pad=pad,
+                              partial_rotary_factor=partial_rotary_factor, longrope=longrope)
+    common = dict(
+        vision_config=vision_config(), text_config=text, image_token_index=image_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+    )
+    if llava_version == "1.5":
+        model: torch.nn.Module = LlavaForConditionalGeneration(LlavaConfig(**common))
+    elif llava_version == "1.6":
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=GRID_PINPOINTS, **common))
+    else:
+        raise ValueError(f"llava_version must be one of {VERSIONS}, got {llava_version!r}")
+    model = model.float().eval()
+    randomize_(model, seed)
+
+    name = f"llava-hf-{llava_version}-{family}-s{spelling}-{seed}" + (
+        f"-rot{partial_rotary_factor:g}" if partial_rotary_factor != 1.0 else "") + ("-longrope" if longrope else "")
+    path = root / name
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    write_llava_hf(path, model, llava_version, spelling=spelling, save_dtype=torch.float32, max_shard_size=None,
+                   generation_config=generation)
+    if family == "llama3":
+        write_llama3_tokenizer(path, bpe)  # type: ignore[arg-type]
+    else:
+        write_phi3_tokenizer(path, phi3, sp_model_path)  # type: ignore[arg-type]
+    _write_json(path / "chat_template.json", {"chat_template": processor_template})
+    return TinyCheckpoint(
+        path=path, clip_path=None, layout="llava-hf", llava_version=llava_version, llm=family, model=model,
+        tokenizer=AutoTokenizer.from_pretrained(str(path)), sp_model_path=tokenizer_path,
+        image_processor=reference_image_processor(llava_version, pad_to_square=False), image_token_id=image_id,
     )

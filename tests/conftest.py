@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 # tests/ has no __init__.py, so pytest's default "prepend" import mode puts it on sys.path.
-from checkpoints import TinyCheckpoint, build_checkpoint, train_tokenizer
+from checkpoints import TinyCheckpoint, build_checkpoint, build_family_checkpoint, train_byte_level_bpe, train_tokenizer
+
+FAMILIES = ("llama3", "phi3")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +36,8 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, sp_model: Path
 ) -> Callable[..., TinyCheckpoint]:
-    """Factory: ``tiny_checkpoint(llava_version="1.5", layout="llava-hf", llm="llama", **options)``.
+    """Factory: ``tiny_checkpoint(llava_version="1.5", layout="llava-hf", llm="llama", **options)``; ``llm``
+    "llama3" or "phi3" gives a llava-hf checkpoint of that LLM (``build_family_checkpoint``).
 
     Options are those of ``build_checkpoint`` (spelling, save_dtype, max_shard_size,
     tokenizer_files, seed). Builds are cached per argument tuple for the session, so
@@ -42,13 +45,21 @@ def tiny_checkpoint(
     """
     cache: dict[tuple[Any, ...], TinyCheckpoint] = {}
 
+    bpe: list[Any] = []  # the byte-level BPE tokenizer, trained once when a Llama-3 checkpoint is asked for
+
     def make(llava_version: str = "1.5", layout: str = "llava-hf", llm: str = "llama",
              **options: Any) -> TinyCheckpoint:
         key = (llava_version, layout, llm, tuple(sorted(options.items(), key=lambda kv: kv[0])))
         if key not in cache:
             root = tmp_path_factory.mktemp(f"tiny-{layout}-{llava_version}-{llm}")
-            cache[key] = build_checkpoint(root, llava_version=llava_version, layout=layout, llm=llm,
-                                          sp_model_path=sp_model, **options)
+            if llm in FAMILIES:  # llava-hf checkpoints of the LLaVA family's other LLMs
+                if llm == "llama3" and not bpe:
+                    bpe.append(train_byte_level_bpe(tmp_path_factory.mktemp("byte-level-bpe")))
+                cache[key] = build_family_checkpoint(root, family=llm, llava_version=llava_version,
+                                                     sp_model_path=sp_model, bpe=bpe[0] if bpe else None, **options)
+            else:
+                cache[key] = build_checkpoint(root, llava_version=llava_version, layout=layout, llm=llm,
+                                              sp_model_path=sp_model, **options)
         return cache[key]
 
     return make

@@ -2,6 +2,7 @@
 (`.ci/run` runs the README's main path on them in an environment without the test extras).
 
     python tests/make_tiny.py CHECKPOINT_DIR PHOTO.png [--layout llava-hf|original] [--version 1.5|1.6]
+        [--llm llama|mistral|llama3|phi3]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from checkpoints import build_checkpoint  # noqa: E402
+from checkpoints import build_checkpoint, build_family_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -24,9 +25,14 @@ def main() -> None:
     parser.add_argument("photo", type=Path)
     parser.add_argument("--layout", default="llava-hf", choices=["llava-hf", "original"])
     parser.add_argument("--version", default="1.5", choices=["1.5", "1.6"])
+    parser.add_argument("--llm", default="llama", choices=["llama", "mistral", "llama3", "phi3"],
+                        help="llama3 and phi3: a llava-hf checkpoint of that LLM, with its chat template")
     args = parser.parse_args()
     work = args.checkpoint.parent / f".{args.checkpoint.name}-build"
-    ckpt = build_checkpoint(work, llava_version=args.version, layout=args.layout)
+    if args.llm in ("llama3", "phi3"):
+        ckpt = build_family_checkpoint(work, family=args.llm, llava_version=args.version)
+    else:
+        ckpt = build_checkpoint(work, llava_version=args.version, layout=args.layout, llm=args.llm)
     if args.checkpoint.exists():
         shutil.rmtree(args.checkpoint)
     shutil.move(str(ckpt.path), args.checkpoint)

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from checkpoints import TinyCheckpoint
+from checkpoints import TinyCheckpoint, build_family_checkpoint
 from llama_utils import load_llama, text_logits
 from transformers import AutoConfig, LlamaConfig, LlavaConfig, MistralConfig
 
@@ -143,3 +143,92 @@ def test_defaults_are_transformers_defaults(tiny_checkpoint, tmp_path: Path) -> 
     assert parsed.text.rms_norm_eps == ref.text_config.rms_norm_eps
     assert parsed.text.context_length == min(ref.text_config.max_position_embeddings, ref.text_config.sliding_window)
     assert parsed.image_token_id == LlavaConfig().image_token_id
+
+
+# ---------------------------------------------------------------- the family's other LLMs (Llama 3, Phi-3)
+
+FAMILY_FIXTURES = [
+    pytest.param(("llama3", 4, {}), id="hf4-llama3"),
+    pytest.param(("llama3", 5, {}), id="hf5-llama3"),
+    pytest.param(("phi3", 4, {}), id="hf4-phi3"),
+    pytest.param(("phi3", 5, {"partial_rotary_factor": 0.5}), id="hf5-phi3-partial-rotary"),
+    pytest.param(("phi3", 4, {"longrope": True}), id="hf4-phi3-longrope"),
+    pytest.param(("phi3", 5, {"longrope": True}), id="hf5-phi3-longrope"),
+]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Callable[..., TinyCheckpoint]:
+    cache: dict[tuple, TinyCheckpoint] = {}
+
+    def make(family: str, spelling: int = 4, **options: object) -> TinyCheckpoint:
+        key = (family, spelling, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = build_family_checkpoint(tmp_path_factory.mktemp(f"{family}-s{spelling}"), family=family,
+                                                 spelling=spelling, sp_model_path=sp_model, **options)
+        return cache[key]
+
+    return make
+
+
+@pytest.mark.parametrize("case", FAMILY_FIXTURES)
+def test_family_configs_parse_as_transformers(family_checkpoint, case) -> None:
+    family, spelling, options = case
+    ckpt = family_checkpoint(family, spelling, **options)
+    ref = AutoConfig.from_pretrained(str(ckpt.path)).text_config
+    ours = read_checkpoint(ckpt.path).text
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert ours.sliding_window == getattr(ref, "sliding_window", None)
+    head_dim = ref.hidden_size // ref.num_attention_heads
+    assert ours.rope_dimension_count == int(head_dim * ref.rope_parameters.get("partial_rotary_factor", 1.0))
+    if family == "phi3":
+        assert ours.original_max_position_embeddings == ref.original_max_position_embeddings
+    if options.get("longrope"):
+        assert ours.rope_scaling_kind == "longrope"
+        assert ours.rope_scaling["long_factor"] == ref.rope_parameters["long_factor"]
+        assert ours.rope_scaling["short_factor"] == ref.rope_parameters["short_factor"]
+    else:
+        assert ours.rope_scaling is None
+
+
+def test_phi3_defaults_are_transformers_defaults(family_checkpoint, tmp_path: Path) -> None:
+    """A Phi-3 text_config holding only its model_type parses as Phi3Config() does."""
+    ckpt = family_checkpoint("phi3", 5)
+    path = _write_config(tmp_path, ckpt, lambda c: c.update(text_config={"model_type": "phi3"}))
+    parsed = read_checkpoint(path).text
+    ref = AutoConfig.from_pretrained(str(path)).text_config
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size",
+                 "original_max_position_embeddings", "tie_word_embeddings"):
+        assert getattr(parsed, name) == getattr(ref, name), name
+    assert parsed.rope_theta == ref.rope_parameters["rope_theta"]
+    assert parsed.partial_rotary_factor == ref.rope_parameters.get("partial_rotary_factor", 1.0)
+    assert parsed.sliding_window == ref.sliding_window
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+     r"RoPE scaling 'yarn'.*not supported; supported: linear, longrope, default"),
+    (lambda c: c["text_config"].update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                        "long_factor": [1.0] * 3, "short_factor": [1.0] * 3}),
+     r"longrope factors of lengths \[3\], expected 8"),
+    (lambda c: c["text_config"].update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
+     r"longrope RoPE scaling without a long_factor list"),
+    (lambda c: c["text_config"].update(hidden_act="gelu_new"), r"activation 'gelu_new' is not supported"),
+])
+def test_phi3_configs_llama_cpp_cannot_run_are_clear_errors(family_checkpoint, tmp_path: Path, edit, message) -> None:
+    ckpt = family_checkpoint("phi3", 5)
+    with pytest.raises(CheckpointError, match=message) as e:
+        read_checkpoint(_write_config(tmp_path, ckpt, edit))
+    assert "\n" not in str(e.value)
+
+
+def test_longrope_is_refused_for_llama(tiny_checkpoint, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(llava_version="1.6", layout="llava-hf", llm="mistral", spelling=5)
+    path = _write_config(tmp_path, ckpt, lambda c: c["text_config"].update(rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}))
+    with pytest.raises(CheckpointError, match=r"RoPE scaling 'longrope'.*supported: linear, default"):
+        read_checkpoint(path)

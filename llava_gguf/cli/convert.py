@@ -91,8 +91,14 @@ def inspect(state: CLIState, file: Path, as_json: bool) -> None:
             table.add_row("inferred", note)
     if info.get("reference"):
         table.add_row("reference", str(info["reference"]))
+    if info.get("architecture") != "clip":
+        tokenizer = info.get("tokenizer") or {}
+        table.add_row("LLM", f"{info['architecture']}, tokenizer {tokenizer.get('model')}"
+                             + (f" (pre-tokenizer {tokenizer['pre']})" if tokenizer.get("pre") else ""))
     if info.get("template"):
-        table.add_row("template", str(info["template"]))
+        source = info.get("template_source")
+        name = str(info["template"]).split(" (guessed", 1)[0]
+        table.add_row("template", f"{name} ({source})" if source else name)
     if info.get("chat_template"):
         table.add_row("chat_template", f"{len(info['chat_template'])} characters")
     console.print(table)

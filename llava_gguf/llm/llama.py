@@ -16,7 +16,7 @@ from llama_cpp import _internals
 
 from llava_gguf.errors import ContextOverflowError, ModelLoadError
 from llava_gguf.llm.repack import RepackPolicy, choose_repack
-from llava_gguf.llm.tokenizer import Tokenizer
+from llava_gguf.llm.tokenizer import Tokenizer, kv_override_array, name_overrides
 
 log = logging.getLogger(__name__)
 # llama.cpp's own log goes through this logger; keep it quiet unless asked.
@@ -87,6 +87,10 @@ class LlamaRuntime:
             (False, False): llama_cpp.LLAMA_LOAD_MODE_NONE,
         }[(self.mapped, options.use_mlock)]
         params.use_extra_bufts = self.repack
+        overrides = name_overrides(path)
+        if overrides:  # llama.cpp's Phi-3 whitespace rule off: the tokenizer applies the reference's
+            self._overrides = kv_override_array(overrides)  # llama.cpp reads it while loading: keep it alive
+            params.kv_overrides = self._overrides
         try:
             self.model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError) as e:

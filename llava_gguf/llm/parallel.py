@@ -90,7 +90,7 @@ class ParallelDecoder:
             for s in active:
                 answer = answers[s]
                 token = samplers[s].sample(logits[s], histories[s])
-                if self.runtime.is_end_of_generation(token):
+                if self.model.is_end_of_generation(token):
                     answer.text += decoders[s].decode(b"", final=True)
                     continue
                 answer.tokens.append(token)

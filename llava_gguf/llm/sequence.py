@@ -26,19 +26,26 @@ Item = int | ImageSlot
 
 
 def tokenize_prompt(
-    runtime: LlamaRuntime, prompt: str, images: list[ImageSlot], mode: TokenizeMode, image_token_id: int | None
+    runtime: LlamaRuntime, prompt: str, images: list[ImageSlot], mode: TokenizeMode, image_token_id: int | None,
+    bos_text: str | None = None,
 ) -> list[Item]:
     """``prompt`` with one ``<image>`` per image, as a sequence of token ids and image slots.
 
     ``WHOLE`` (llava-hf): the whole prompt at once, ``<image>`` being a special token.
     ``SPLIT`` (original LLaVA, ``tokenizer_image_token``): each text chunk between images on its
     own, every chunk but the first without its BOS.
+
+    Special tokens in the text are parsed (a template's ``<|eot_id|>`` is one token). The vocabulary's BOS
+    (``add_bos``) is added unless the text already opens with it (``bos_text``, e.g. a chat template that
+    writes ``{{ bos_token }}``): transformers' processor then tokenizes with ``add_special_tokens=False``
+    (``ProcessorMixin.apply_chat_template``), so there is one BOS, never two.
     """
+    add_bos = runtime.add_bos and not (bos_text and prompt.startswith(bos_text))
     n_placeholders = prompt.count(IMAGE_PLACEHOLDER)
     if n_placeholders != len(images):
         raise PromptError(f"the prompt has {n_placeholders} <image> placeholder(s) but {len(images)} image(s) were given")
     if mode is TokenizeMode.WHOLE and image_token_id is not None:
-        tokens = runtime.tokenize(prompt, add_bos=runtime.add_bos, special=True)
+        tokens = runtime.tokenize(prompt, add_bos=add_bos, special=True)
         n_image_tokens = tokens.count(image_token_id)
         if n_image_tokens != len(images):
             raise PromptError(
@@ -49,7 +56,7 @@ def tokenize_prompt(
         queue = iter(images)
         return [next(queue) if t == image_token_id else t for t in tokens]
     chunks = prompt.split(IMAGE_PLACEHOLDER)
-    items: list[Item] = list(runtime.tokenize(chunks[0], add_bos=runtime.add_bos, special=True))
+    items: list[Item] = list(runtime.tokenize(chunks[0], add_bos=add_bos, special=True))
     for image, chunk in zip(images, chunks[1:]):
         items.append(image)
         items.extend(runtime.tokenize(chunk, add_bos=False, special=True))

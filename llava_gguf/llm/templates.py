@@ -1,5 +1,7 @@
-"""The conversation templates LLaVA models were trained with (LLaVA's ``conv_templates``,
-and the chat template of llava-hf's LLaVA 1.5 repos).
+"""The conversation templates LLaVA models were trained with (LLaVA's ``conv_templates``, the chat
+template of llava-hf's LLaVA 1.5 repos, and xtuner's ``PROMPT_TEMPLATE.llama3_chat`` / ``phi3_chat`` of its
+LLaVA-Llama-3 and LLaVA-Phi-3). A checkpoint's own jinja template (``Template.CHECKPOINT``) is rendered by
+`chat_template.render_chat_template`.
 
 A conversation is a list of `Message`s whose text holds one ``<image>`` placeholder per image.
 `render` gives the prompt text up to the point where the assistant speaks next.
@@ -21,6 +23,9 @@ class Template(str, enum.Enum):
     CHATML_DIRECT = "chatml_direct"  # LLaVA 1.6 34B (Yi)
     PLAIN = "plain"
     LLAVA_HF = "llava_hf"  # llava-hf/llava-1.5-*-hf's chat template: "USER: <image>\n... ASSISTANT:"
+    CHECKPOINT = "checkpoint"  # the checkpoint's own chat template (tokenizer.chat_template), rendered as transformers does
+    LLAMA3 = "llama3"  # xtuner's llava-llama-3: <|start_header_id|>user<|end_header_id|>\n\n...<|eot_id|>
+    PHI3 = "phi3"  # xtuner's llava-phi-3: <|user|>\n...<|end|>\n<|assistant|>\n
 
 
 class Role(str, enum.Enum):
@@ -51,6 +56,9 @@ DEFAULT_SYSTEM: dict[Template, str] = {
     Template.CHATML_DIRECT: "Answer the questions.",
     Template.PLAIN: "",
     Template.LLAVA_HF: "",
+    Template.CHECKPOINT: "",  # the template's own default, if it has one
+    Template.LLAMA3: "",  # xtuner's chat: no system message unless one is given
+    Template.PHI3: "",
 }
 
 
@@ -105,4 +113,22 @@ def render(template: Template, messages: list[Message], system: str | None = Non
             role = "USER" if i % 2 == 0 else "ASSISTANT"
             out += f"{role}: {text} "
         return out + "ASSISTANT:"
+    if template is Template.LLAMA3:
+        # xtuner's llama3_chat: SYSTEM, INSTRUCTION per user turn, SUFFIX "<|eot_id|>" after each answer, SEP ""
+        out = f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>" if system else ""
+        for i, text in enumerate(texts):
+            if i % 2 == 0:
+                out += (f"<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+            else:
+                out += f"{text}<|eot_id|>"
+        return out
+    if template is Template.PHI3:
+        # xtuner's phi3_chat: SYSTEM, INSTRUCTION per user turn, SUFFIX "<|end|>" and SEP "\n" after each answer
+        out = f"<|system|>\n{system}<|end|>\n" if system else ""
+        for i, text in enumerate(texts):
+            out += f"<|user|>\n{text}<|end|>\n<|assistant|>\n" if i % 2 == 0 else f"{text}<|end|>\n"
+        return out
+    if template is Template.CHECKPOINT:
+        raise ValueError("the checkpoint's template is rendered from its text (chat_template.render_chat_template)")
     raise ValueError(f"unknown template {template!r}")

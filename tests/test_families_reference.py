@@ -1,0 +1,112 @@
+"""The LLaVA family's other LLMs against transformers' own pipeline on the same weights: a Llama-3 LLM
+(byte-level BPE) under LLaVA 1.5 and LLaVA-NeXT, Phi-3, and a Mistral LLaVA 1.5 (BakLLaVA's shape).
+
+The reference is what a user of the llava-hf checkpoint runs: ``AutoProcessor.from_pretrained(dir)``,
+``apply_chat_template(messages, add_generation_prompt=True)``, ``processor(images=..., text=...)`` and
+``model.generate`` (greedy, stopping where the checkpoint's generation config says). Ours converts the
+checkpoint to F32 and answers with an F32 KV cache: the prompt ids (image positions expanded) equal the
+processor's ``input_ids``, and the greedy tokens are the same, for one image, two, and a second turn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from test_runtime import EXACT, random_image
+from test_templates_families import LLAVA15_HF
+from transformers import AutoProcessor
+
+from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.sequence import ImageSlot
+from llava_gguf.model import GenerationOptions, LlavaModel
+
+KINDS = [("1.5", "llama3"), ("1.6", "llama3"), ("1.5", "phi3"), ("1.5", "mistral")]
+N_NEW = 16
+GREEDY = GenerationOptions(max_tokens=N_NEW, sampling=SamplingOptions(temperature=0.0))
+
+
+@pytest.fixture(scope="module")
+def loaded(f32_pair) -> Any:
+    cache: dict[tuple[str, str], tuple[Any, LlavaModel]] = {}
+
+    def get(version: str, llm: str) -> tuple[Any, LlavaModel]:
+        if (version, llm) not in cache:
+            ckpt, llm_path, mmproj = f32_pair(version, "llava-hf", llm)
+            cache[version, llm] = ckpt, LlavaModel(llm_path, mmproj, EXACT)
+        return cache[version, llm]
+
+    yield get
+    for _, model in cache.values():
+        model.close()
+
+
+def _content(question: str, n_images: int) -> list[dict[str, str]]:
+    return [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+
+
+def reference(ckpt: Any, messages: list[dict[str, Any]], images: list[Image.Image]) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy tokens) of transformers' pipeline, the tokens cut where generation stops."""
+    processor = AutoProcessor.from_pretrained(ckpt.path)
+    if processor.chat_template is None:  # the Mistral LLaVA 1.5 fixture: llava-hf 1.5's template, as bakLlava-v1-hf's
+        processor.chat_template = LLAVA15_HF
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=images or None, text=text, return_tensors="pt")
+    config = ckpt.model.generation_config
+    eos = config.eos_token_id if config.eos_token_id is not None else ckpt.tokenizer.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    with torch.no_grad():
+        out = ckpt.model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, eos_token_id=sorted(eos),
+                                  pad_token_id=sorted(eos)[0])
+    ids = inputs["input_ids"][0].tolist()
+    generated = out[0, len(ids):].tolist()
+    for i, token in enumerate(generated):
+        if token in eos:
+            return ids, generated[:i]
+    return ids, generated
+
+
+def expanded_ids(items: list[Any], image_token_id: int) -> list[int]:
+    """Our prompt with each image's positions as the processor writes them (its image token, repeated)."""
+    out: list[int] = []
+    for item in items:
+        out += [image_token_id] * item.n_tokens if isinstance(item, ImageSlot) else [item]
+    return out
+
+
+def _save(image: Image.Image, tmp_path: Path, name: str) -> str:
+    path = tmp_path / name
+    image.save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(("version", "llm"), KINDS)
+def test_one_and_two_images_and_a_second_turn(loaded, version: str, llm: str, tmp_path: Path) -> None:
+    ckpt, model = loaded(version, llm)
+    first, second = random_image(90, 50, seed=1), random_image(40, 70, seed=2)
+    paths = [_save(first, tmp_path, "a.png"), _save(second, tmp_path, "b.png")]
+    image_token = int(ckpt.model.config.image_token_id)
+
+    chat = model.chat()
+    answer = "".join(chat.send("What is in the picture?", paths[:1], GREEDY))
+    messages: list[dict[str, Any]] = [{"role": "user", "content": _content("What is in the picture?", 1)}]
+    ref_ids, ref_tokens = reference(ckpt, messages, [first])
+    assert expanded_ids(chat.last_items, image_token) == ref_ids
+    assert chat.last_tokens == ref_tokens
+
+    # a second turn: the answer, then a new question about the same image
+    "".join(chat.send("And its colour?", [], GREEDY))
+    messages += [{"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]},
+                 {"role": "user", "content": _content("And its colour?", 0)}]
+    ref_ids, ref_tokens = reference(ckpt, messages, [first])
+    assert expanded_ids(chat.last_items, image_token) == ref_ids
+    assert chat.last_tokens == ref_tokens
+
+    two = model.chat()
+    "".join(two.send("What differs?", paths, GREEDY))
+    ref_ids, ref_tokens = reference(ckpt, [{"role": "user", "content": _content("What differs?", 2)}], [first, second])
+    assert expanded_ids(two.last_items, image_token) == ref_ids
+    assert two.last_tokens == ref_tokens
