@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -110,3 +111,19 @@ def test_one_and_two_images_and_a_second_turn(loaded, version: str, llm: str, tm
     ref_ids, ref_tokens = reference(ckpt, [{"role": "user", "content": _content("What differs?", 2)}], [first, second])
     assert expanded_ids(two.last_items, image_token) == ref_ids
     assert two.last_tokens == ref_tokens
+
+
+@pytest.mark.parametrize(("version", "llm"), KINDS)
+@pytest.mark.parametrize("size", [(90, 50), (1, 1), (33, 200), (400, 300)])
+def test_image_features(loaded, version: str, llm: str, size: tuple[int, int]) -> None:
+    """The packed features of transformers' pipeline (its image processor, tower and projector), within 1e-4."""
+    ckpt, model = loaded(version, llm)
+    image = random_image(*size, seed=size[0])
+    processor = AutoProcessor.from_pretrained(ckpt.path)
+    pixels = processor.image_processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        feats = ckpt.model.model.get_image_features(**pixels).pooler_output
+    (expected,) = [f.reshape(-1, f.shape[-1]).numpy() for f in feats]
+    ours = model.image_features(image)
+    assert ours.shape == expected.shape
+    assert np.abs(ours - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
