@@ -23,7 +23,7 @@ from llava_gguf.convert.families import FAMILIES, TEXT_DEFAULTS, LlmFamily
 from llava_gguf.convert.names import Layout
 from llava_gguf.errors import CheckpointError
 from llava_gguf.llm.templates import Template
-from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, VisionSettings
+from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, TowerKind, VisionSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCaus
 SUPPORTED_TEXT_MODELS = tuple(FAMILIES)
 # model types whose GGUF tokenizer is not one LLaVA's conv_templates were written for: the checkpoint's
 # own chat template renders their prompts
-CHECKPOINT_TEMPLATE_MODELS = ("phi3",)
+CHECKPOINT_TEMPLATE_MODELS = tuple(name for name, family in FAMILIES.items() if family.checkpoint_template)
 VISION_DEFAULTS: dict[str, Any] = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     image_size=224, patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512,
@@ -42,6 +42,17 @@ LLAVA_HF_VISION_DEFAULTS: dict[str, Any] = {
     **VISION_DEFAULTS, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
     "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768,
 }
+# SiglipVisionConfig's defaults (siglip-base-patch16-224), for a vision_config with model_type "siglip_vision_model"
+SIGLIP_VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", projection_dim=0,
+)
+# vision_config model_type -> (tower kind, defaults, MLP activations the encoders compute exactly)
+VISION_TOWERS: dict[str, tuple[TowerKind, dict[str, Any], tuple[str, ...]]] = {
+    "clip_vision_model": (TowerKind.CLIP, VISION_DEFAULTS, ("quick_gelu", "gelu")),
+    "siglip_vision_model": (TowerKind.SIGLIP, SIGLIP_VISION_DEFAULTS, ("gelu_pytorch_tanh",)),
+}
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SiglipImageProcessor's IMAGENET_STANDARD_MEAN / _STD
 LLAVA_HF_IMAGE_TOKEN_DEFAULT = 32000  # LlavaConfig / LlavaNextConfig image_token_index
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,7 +127,7 @@ class TokenizerKind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The CLIP vision tower's hyperparameters (CLIPVisionConfig names)."""
+    """The vision tower's hyperparameters (CLIPVisionConfig / SiglipVisionConfig names)."""
 
     hidden_size: int
     intermediate_size: int
@@ -127,6 +138,11 @@ class VisionConfig:
     layer_norm_eps: float
     hidden_act: str
     projection_dim: int
+    model_type: str = "clip_vision_model"
+
+    @property
+    def tower(self) -> TowerKind:
+        return VISION_TOWERS[self.model_type][0]
 
 
 @dataclass(frozen=True)
@@ -264,9 +280,10 @@ def _text_config(config: dict[str, Any], where: Path, outer: dict[str, Any] | No
         config, where, TEXT_DEFAULTS[model_type]["rope_theta"], FAMILIES[model_type].rope_scalings)
     values["model_type"] = model_type
     values["name_or_path"] = str(config.get("_name_or_path", ""))
-    # an explicit null means no window; a missing key means MistralConfig's default
+    # an explicit null means no window; a missing key means MistralConfig's default; Qwen2Config keeps a
+    # window only when use_sliding_window (default false) turns it on
     window = config.get("sliding_window", TEXT_DEFAULTS[model_type].get("sliding_window"))
-    if config.get("use_sliding_window") is False:
+    if config.get("use_sliding_window", TEXT_DEFAULTS[model_type].get("use_sliding_window")) is False:
         window = None
     values["sliding_window"] = int(window) if window is not None else None
     values.update(_rotary_fields(config, model_type, where))
@@ -306,11 +323,19 @@ def _rotary_fields(config: dict[str, Any], model_type: str, where: Path) -> dict
 
 
 def _vision_config(config: dict[str, Any] | None, where: Path) -> VisionConfig:
-    """CLIPVisionConfig fields; a llava-hf config without ``vision_config`` gets LlavaConfig's CLIP-L/336."""
-    defaults = VISION_DEFAULTS if config is not None else LLAVA_HF_VISION_DEFAULTS
-    vision = VisionConfig(**_with_defaults(VisionConfig, defaults, config or {}))
-    if vision.hidden_act not in ("quick_gelu", "gelu"):
-        raise CheckpointError(f"{where}: vision activation {vision.hidden_act!r} is not supported; supported: quick_gelu, gelu")
+    """CLIPVisionConfig or SiglipVisionConfig fields (by ``model_type``, with that class's defaults); a
+    llava-hf config without ``vision_config`` gets LlavaConfig's CLIP-L/336."""
+    model_type = (config or {}).get("model_type") or "clip_vision_model"
+    if model_type not in VISION_TOWERS:
+        raise CheckpointError(f"{where}: vision tower {model_type!r} is not supported; supported: "
+                              f"{', '.join(VISION_TOWERS)}")
+    _, defaults, activations = VISION_TOWERS[model_type]
+    if config is None:
+        defaults = LLAVA_HF_VISION_DEFAULTS
+    vision = VisionConfig(**_with_defaults(VisionConfig, {**defaults, "model_type": model_type}, config or {}))
+    if vision.hidden_act not in activations:
+        raise CheckpointError(f"{where}: vision activation {vision.hidden_act!r} is not supported for {model_type}; "
+                              f"supported: {', '.join(activations)}")
     return vision
 
 
@@ -344,6 +369,16 @@ def _pinpoints(value: Any, where: Path) -> tuple[tuple[int, int], ...]:
         raise CheckpointError(f"{where}: image_grid_pinpoints {value!r} is not a list of pairs") from e
 
 
+def _resizes_to_size(processor: dict[str, Any], vision: VisionConfig) -> bool:
+    """SiglipImageProcessor's way: resize to {"height", "width"} with no center crop (a SigLIP tower
+    without a processor file gets its processor's)."""
+    if not processor:
+        return vision.tower is TowerKind.SIGLIP
+    size = processor.get("size")
+    squashed = isinstance(size, dict) and "height" in size and "width" in size
+    return squashed and not processor.get("do_center_crop") and not processor.get("do_pad")
+
+
 def _processor_settings(
     processor: dict[str, Any], vision: VisionConfig, *, llava_version: str, layout: Layout, mode: ImageMode,
     feature_layer: int, strategy: SelectStrategy, pinpoints: tuple[tuple[int, int], ...], merge_type: str,
@@ -352,16 +387,20 @@ def _processor_settings(
     shortest = _size(processor.get("size"), vision.image_size)
     if shortest[0] != shortest[1]:
         log.warning("processor size %s is not square; using its height as the shortest edge", shortest)
+    siglip = vision.tower is TowerKind.SIGLIP
+    # RESIZE: the image is squashed to `size` itself (SiglipImageProcessor), the tile
+    crop = shortest if mode is ImageMode.RESIZE else _size(processor.get("crop_size"), vision.image_size)
     return VisionSettings(
+        tower=vision.tower,
         llava_version=llava_version,
         layout=layout.value,
         image_mode=mode,
         image_size=vision.image_size,
         patch_size=vision.patch_size,
         shortest_edge=shortest[0],
-        crop_size=_size(processor.get("crop_size"), vision.image_size),
-        image_mean=tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)),  # type: ignore[arg-type]
-        image_std=tuple(processor.get("image_std", OPENAI_CLIP_STD)),  # type: ignore[arg-type]
+        crop_size=crop,
+        image_mean=tuple(processor.get("image_mean", SIGLIP_MEAN if siglip else OPENAI_CLIP_MEAN)),  # type: ignore[arg-type]
+        image_std=tuple(processor.get("image_std", SIGLIP_STD if siglip else OPENAI_CLIP_STD)),  # type: ignore[arg-type]
         resample=int(processor.get("resample", 3)),
         rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
         vision_feature_layer=feature_layer,
@@ -389,6 +428,8 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
         pinpoints = pinpoints or LLAVA_NEXT_PINPOINTS
     else:
         mode, merge = (ImageMode.PAD if processor.get("do_pad") else ImageMode.CROP), "flat"
+        if _resizes_to_size(processor, vision):
+            mode = ImageMode.RESIZE
     settings = _processor_settings(
         processor, vision, llava_version=version, layout=Layout.LLAVA_HF, mode=mode,
         feature_layer=feature_layer,

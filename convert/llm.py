@@ -1,5 +1,5 @@
-"""The language model half: a llama-architecture GGUF (Vicuna, Llama 2 and 3, Yi, Mistral) or a phi3 one
-(Phi-3), as the LLM's `LlmFamily` entry says."""
+"""The language model half: a llama-architecture GGUF (Vicuna, Llama 2 and 3, Yi, Mistral), a phi3 one
+(Phi-3) or a qwen2 one (Qwen2, with its q/k/v biases), as the LLM's `LlmFamily` entry says."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The vision half: CLIP tower, projector and ``image_newline`` as an "mmproj" GGUF that
+"""The vision half: CLIP or SigLIP tower, projector and ``image_newline`` as an "mmproj" GGUF that
 llama.cpp's libmtmd loads and the runtime's exact encoder reads."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from llava_gguf.convert.tensors import TensorStore
 from llava_gguf.convert.writer import PlannedTensor, ProgressCallback, write_gguf
 from llava_gguf.errors import CheckpointError
 from llava_gguf.metadata import ClipKeys
+from llava_gguf.vision.weights import TOWER_SPECS, TowerLayout
 
 ARCH = gguf.MODEL_ARCH.MMPROJ
 Q = gguf.GGMLQuantizationType
@@ -86,7 +87,11 @@ def _tensor_order(t: PlannedTensor) -> tuple[int, int, str]:
 
 
 def _check_complete(ckpt: LlavaCheckpoint, names: set[str], n_blocks: int) -> None:
-    required = ["v.patch_embd.weight", "v.class_embd", "v.position_embd.weight", "v.pre_ln.weight", "mm.0.weight"]
+    spec = TOWER_SPECS[ckpt.vision.tower]
+    required = [TowerLayout.patch + ".weight", TowerLayout.position + ".weight", "mm.0.weight"]
+    required += [TowerLayout.class_embedding] if spec.class_token else []
+    required += [TowerLayout.pre_layernorm + ".weight"] if spec.pre_layernorm else []
+    required += [TowerLayout.patch + ".bias"] if spec.patch_bias else []
     if ckpt.projector_type == "mlp2x_gelu":
         required.append("mm.2.weight")
     if ckpt.llava_version == "1.6":
@@ -129,7 +134,8 @@ def write_mmproj(
     writer.add_vision_attention_layernorm_eps(vision.layer_norm_eps)
     writer.add_vision_image_mean(list(settings.image_mean))
     writer.add_vision_image_std(list(settings.image_std))
-    writer.add_vision_use_gelu(vision.hidden_act == "gelu")  # CLIP-L's MLP uses quick-gelu
+    # CLIP-L's MLP uses quick-gelu; SigLIP's the tanh GELU (clip.cpp's FFN_GELU)
+    writer.add_vision_use_gelu(vision.hidden_act in ("gelu", "gelu_pytorch_tanh"))
     writer.add_array(ClipKeys.FEATURE_LAYER, [n_blocks])
     if ckpt.llava_version == "1.6":
         # flat [h0, w0, h1, w1, ...], int32 as llama.cpp reads it

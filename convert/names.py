@@ -54,8 +54,9 @@ PREFIXES: dict[Layout, list[tuple[str, str | None]]] = {
 _TOWER = "vision_tower.vision_model."
 # Canonical names that llama.cpp has no use for.
 DROPPED_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
-# LLaVA reads a hidden state before the tower's end, so its post-layernorm never runs.
-DROPPED_PREFIXES = ("vision_tower.vision_model.post_layernorm.",)
+# LLaVA reads an encoder layer's hidden state, so the tower's post-layernorm and SigLIP's attention-pooling
+# head never run (transformers' get_image_features reads hidden_states[k], before both).
+DROPPED_PREFIXES = ("vision_tower.vision_model.post_layernorm.", "vision_tower.vision_model.head.")
 
 # The LLaVA projector is a Sequential(Linear, GELU, Linear): indices 0 and 2.
 PROJECTOR = {

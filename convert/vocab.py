@@ -3,7 +3,7 @@ byte-level BPE ("gpt2") one.
 
 SentencePiece: the base pieces come from ``tokenizer.model`` (its proto, types included) or, when
 a checkpoint ships only ``tokenizer.json``, from that file's byte-fallback BPE vocabulary. Byte-level
-BPE (Llama 3): the vocabulary and merges of ``tokenizer.json``, and ``tokenizer.ggml.pre`` named by
+BPE (Llama 3, Qwen2): the vocabulary and merges of ``tokenizer.json``, and ``tokenizer.ggml.pre`` named by
 comparing its split regex with the ones llama.cpp implements. Added tokens (``<image>``, ``<pad>``,
 ``<|eot_id|>``...) come from ``tokenizer.json``, ``tokenizer_config.json`` and ``added_tokens.json``;
 special ids and ``add_bos`` come from gguf-py's `SpecialVocab`, every end-of-generation id from
@@ -288,6 +288,14 @@ def _walk(node: object, kind: str) -> list[dict]:
     return found
 
 
+def unicode_normalization(data: dict) -> str | None:
+    """The Unicode normalization form a tokenizer.json's normalizer applies (NFC, NFD, NFKC, NFKD), if any."""
+    forms = [form for form in ("NFC", "NFD", "NFKC", "NFKD") if _walk(data.get("normalizer"), form)]
+    if len(forms) > 1:
+        raise CheckpointError(f"tokenizer.json normalizes to {' and '.join(forms)} at once, which llava-gguf cannot follow")
+    return forms[0] if forms else None
+
+
 def _prefix_steps(data: dict) -> tuple[bool, list[str]]:
     """How a tokenizer.json pipeline adds the "▁" prefix: (a Prepend "▁" normalizer, the Metaspace
     pre-tokenizers' prepend schemes)."""
@@ -340,6 +348,9 @@ def write_vocabulary(writer: gguf.GGUFWriter, ckpt: LlavaCheckpoint, n_vocab: in
         writer.add_token_list(vocab.tokens)
         writer.add_token_types(vocab.types)
         writer.add_token_merges(bpe_merges(directory))
+        form = unicode_normalization(read_json(directory / "tokenizer.json"))
+        if form is not None:  # Qwen2's NFC: the runtime normalizes before llama.cpp tokenizes
+            writer.add_string(LlavaKeys.UNICODE_NORMALIZATION, form)
     else:
         writer.add_tokenizer_pre("default")
         writer.add_token_list(vocab.tokens)

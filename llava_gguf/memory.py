@@ -12,9 +12,10 @@ from pathlib import Path
 import gguf
 
 from llava_gguf.llm.llama import KVCacheType
-from llava_gguf.metadata import GGUFFields, VisionSettings, read_gguf
+from llava_gguf.metadata import GGUFFields, LlavaKeys, TowerKind, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens
 from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES
+from llava_gguf.vision.weights import TOWER_SPECS
 
 _KV_BYTES = {KVCacheType.F32: 4.0, KVCacheType.F16: 2.0, KVCacheType.Q8_0: 34 / 32, KVCacheType.Q4_0: 18 / 32}
 
@@ -80,7 +81,8 @@ def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_
     clip = GGUFFields(reader)
     mmproj_resident, upcast = vision_weight_bytes(reader, mmproj_path.stat().st_size, vision_cache_bytes)
     side = int(clip.get(gguf.Keys.ClipVision.IMAGE_SIZE) or 336) // int(clip.get(gguf.Keys.ClipVision.PATCH_SIZE) or 14)
-    tokens = side * side + 1
+    tower = TowerKind(clip.get(LlavaKeys.VISION_TOWER) or TowerKind.CLIP.value)
+    tokens = side * side + (1 if TOWER_SPECS[tower].class_token else 0)  # positions through the blocks
     hidden = int(clip.get(gguf.Keys.ClipVision.EMBEDDING_LENGTH) or 1024)
     ffn = int(clip.get(gguf.Keys.ClipVision.FEED_FORWARD_LENGTH) or 4 * hidden)
     heads = int(clip.get(gguf.Keys.ClipVision.Attention.HEAD_COUNT) or 16)

@@ -64,11 +64,14 @@ class LlavaKeys:
     IMAGE_RESCALE_FACTOR = "llava_gguf.image.rescale_factor"
     SELECT_LAYER = "llava_gguf.vision.select_layer"
     SELECT_STRATEGY = "llava_gguf.vision.select_strategy"
+    VISION_TOWER = "llava_gguf.vision.tower"  # a TowerKind; files without it hold a CLIP tower
     PROJECTOR_ACT = "llava_gguf.projector.activation"
     # language model
     TEMPLATE = "llava_gguf.template"
     IMAGE_TOKEN_ID = "llava_gguf.image_token_id"
     TOKENIZE_MODE = "llava_gguf.tokenize_mode"
+    # the Unicode normalization (NFC, NFKC...) a tokenizer.json applies before splitting; llama.cpp applies none
+    UNICODE_NORMALIZATION = "llava_gguf.tokenizer.unicode_normalization"
     # every token id that ends an answer (generation_config.json's eos_token_id list, the tokenizer's eos)
     EOS_TOKEN_IDS = "llava_gguf.eos_token_ids"
     # whether the reference tokenizer gives text after a special token the "▁" prefix (transformers' legacy)
@@ -81,11 +84,19 @@ class ImageMode(str, enum.Enum):
     PAD = "pad"  # original LLaVA 1.5: expand to a square of the mean colour, then resize and crop
     CROP = "crop"  # llava-hf 1.5 default: resize the shortest edge, then center crop
     ANYRES = "anyres"  # LLaVA 1.6: best grid resolution, tiles plus the base image
+    RESIZE = "resize"  # SiglipImageProcessor: resize to the crop size (aspect not kept), no crop
+
+
+class TowerKind(str, enum.Enum):
+    """The vision tower's architecture (``llava_gguf.vision.tower``)."""
+
+    CLIP = "clip"  # CLIPVisionModel: class token, pre-layernorm, patch conv without bias
+    SIGLIP = "siglip"  # SiglipVisionModel: no class token, no pre-layernorm, patch conv with bias
 
 
 class SelectStrategy(str, enum.Enum):
-    DEFAULT = "default"  # drop the class token
-    FULL = "full"  # keep it
+    DEFAULT = "default"  # drop position 0 (CLIP's class token; SigLIP's first patch, as transformers does)
+    FULL = "full"  # keep every position
 
 
 class TokenizeMode(str, enum.Enum):
@@ -121,12 +132,20 @@ class VisionSettings:
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     mm_patch_merge_type: str = "flat"  # "spatial_unpad" for LLaVA 1.6
     projector_hidden_act: str = "gelu"
+    tower: TowerKind = TowerKind.CLIP
     # what the file did not say and was inferred, in words (files made by other tools); the version's evidence first
     inferred: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def extra_tokens(self) -> int:
+        """Features per tile beyond the patch grid: transformers' "default" drops position 0 (CLIP's
+        class token, else SigLIP's first patch), "full" keeps every position."""
+        class_tokens = 1 if self.tower is TowerKind.CLIP else 0
+        return class_tokens - (1 if self.vision_feature_select_strategy == SelectStrategy.DEFAULT else 0)
 
     @property
     def follows_original_code(self) -> bool:
@@ -149,10 +168,11 @@ class VisionSettings:
         writer.add_uint32(LlavaKeys.IMAGE_SHORTEST_EDGE, self.shortest_edge)
         writer.add_array(LlavaKeys.IMAGE_CROP_SIZE, list(self.crop_size))
         writer.add_uint32(LlavaKeys.IMAGE_RESAMPLE, self.resample)
-        writer.add_float32(LlavaKeys.IMAGE_RESCALE_FACTOR, self.rescale_factor)
+        writer.add_float64(LlavaKeys.IMAGE_RESCALE_FACTOR, self.rescale_factor)  # float32 would move pixels
         writer.add_int32(LlavaKeys.SELECT_LAYER, self.vision_feature_layer)
         writer.add_string(LlavaKeys.SELECT_STRATEGY, self.vision_feature_select_strategy.value)
         writer.add_string(LlavaKeys.PROJECTOR_ACT, self.projector_hidden_act)
+        writer.add_string(LlavaKeys.VISION_TOWER, self.tower.value)
 
     @property
     def description(self) -> str:
@@ -197,12 +217,13 @@ class VisionSettings:
             image_mean=_triple(fields, gguf.Keys.ClipVision.IMAGE_MEAN),
             image_std=_triple(fields, gguf.Keys.ClipVision.IMAGE_STD),
             resample=int(fields.require(LlavaKeys.IMAGE_RESAMPLE)),
-            rescale_factor=float(fields.require(LlavaKeys.IMAGE_RESCALE_FACTOR)),
+            rescale_factor=_rescale_factor(float(fields.require(LlavaKeys.IMAGE_RESCALE_FACTOR))),
             vision_feature_layer=int(fields.require(LlavaKeys.SELECT_LAYER)),
             vision_feature_select_strategy=SelectStrategy(fields.require(LlavaKeys.SELECT_STRATEGY)),
             image_grid_pinpoints=_pinpoints(fields),
             mm_patch_merge_type=fields.get(ClipKeys.MM_PATCH_MERGE_TYPE) or "flat",
             projector_hidden_act=fields.require(LlavaKeys.PROJECTOR_ACT),
+            tower=TowerKind(fields.get(LlavaKeys.VISION_TOWER) or TowerKind.CLIP.value),
         )
 
 
@@ -297,6 +318,15 @@ def _pinpoints(fields: GGUFFields) -> tuple[tuple[int, int], ...]:
         raise GGUFFormatError(f"{fields.filename}: {ClipKeys.IMAGE_GRID_PINPOINTS} holds an odd count ({len(flat)})")
     # flat [a0, b0, a1, b1, ...] -> ((a0, b0), (a1, b1), ...), the config's pairs
     return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2))
+
+
+def _rescale_factor(stored: float) -> float:
+    """The processor's factor (1 / 255): files written before it was stored as float64 hold it rounded to
+    float32, which moves some pixels by an ulp; 1 / n is what every processor config writes."""
+    n = round(1.0 / stored) if stored > 0 else 0
+    if n and struct.unpack("<f", struct.pack("<f", 1.0 / n))[0] == stored:
+        return 1.0 / n
+    return stored
 
 
 def _triple(fields: GGUFFields, key: str) -> tuple[float, float, float]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llava_gguf.errors import ImageError
-from llava_gguf.metadata import ImageMode, SelectStrategy, VisionSettings
+from llava_gguf.metadata import ImageMode, VisionSettings
 
 
 def select_best_resolution(
@@ -102,7 +102,7 @@ def unpadded_grid_shape(image_size_hw: tuple[int, int], settings: VisionSettings
 
 def count_image_tokens(image_size_hw: tuple[int, int], settings: VisionSettings) -> int:
     """How many embeddings the LLM sees for one image of this (height, width)."""
-    extra = 1 if settings.vision_feature_select_strategy == SelectStrategy.FULL else 0
+    extra = settings.extra_tokens  # the class token kept (CLIP, "full"), or SigLIP's first patch dropped ("default")
     if settings.image_mode != ImageMode.ANYRES:
         crop_height, crop_width = settings.crop_size
         return (crop_height // settings.patch_size) * (crop_width // settings.patch_size) + extra

@@ -35,6 +35,7 @@ from transformers import (
     CLIPModel,
     CLIPTextConfig,
     CLIPVisionConfig,
+    GenerationConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -44,6 +45,8 @@ from transformers import (
     LlavaNextImageProcessorPil,
     MistralConfig,
     Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
 )
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
@@ -801,12 +804,13 @@ def build_checkpoint(
 # ---------------------------------------------------------------- the LLaVA family's other LLMs
 #
 # llava-hf checkpoints whose LLM is Llama 3 (a byte-level BPE tokenizer.json, no tokenizer.model) or
-# Phi-3 (Phi3ForCausalLM: fused qkv_proj / gate_up_proj, SentencePiece with added chat tokens), each
+# Phi-3 (Phi3ForCausalLM: fused qkv_proj / gate_up_proj, SentencePiece with added chat tokens) or Qwen2
+# (llava-interleave / onevision's LLM: q/k/v biases, byte-level BPE with digits one at a time, ChatML), each
 # with its chat templates (the processor's in chat_template.json, the tokenizer's in tokenizer_config.json)
 # and a generation_config.json listing every end-of-turn id. A Mistral LLaVA 1.5 (BakLLaVA) is
 # ``build_checkpoint(root, llava_version="1.5", layout="llava-hf", llm="mistral")``.
 
-FAMILIES = ("llama3", "phi3")
+FAMILIES = ("llama3", "phi3", "qwen2")
 BPE_VOCAB_SIZE = 640  # trained byte-level pieces (256 bytes + merges), before the added tokens
 # Llama 3's pre-tokenizer split, as its tokenizer.json spells it: digits in groups of 1-3
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -850,12 +854,39 @@ PHI3_PROCESSOR_TEMPLATE = (
 )
 
 
+# Qwen2's pre-tokenizer split (Qwen2Tokenizer's PRETOKENIZE_REGEX): digits one at a time
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 151643-151645 in Qwen2
+# Qwen2-Instruct's tokenizer chat template (ChatML with a default system prompt)
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# llava-hf's llava-onevision-qwen2 / llava-interleave-qwen processor chat template (images, then videos, then
+# the text; transformers' own LlavaOnevisionProcessor tests use it)
+QWEN2_PROCESSOR_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2_BIAS_STD = 0.5  # q/k/v biases: Qwen2's are large (its RoPE'd keys carry them), default init draws 0.02
+
+
 @dataclass(frozen=True)
 class ByteLevelTokenizer:
-    """A trained Llama-3-style tokenizer.json and the ids of its added tokens."""
+    """A trained byte-level BPE tokenizer.json (Llama-3's or Qwen2's) and the ids of its added tokens."""
 
     path: Path  # tokenizer.json
-    ids: dict[str, int]  # added token -> id (LLAMA3_SPECIAL, LLAMA3_USER_DEFINED, <image>, <pad>)
+    ids: dict[str, int]  # added token -> id (LLAMA3_SPECIAL, LLAMA3_USER_DEFINED, <image>, <pad>; or QWEN2_SPECIAL, <image>)
+    split: str = LLAMA3_SPLIT  # its pre-tokenizer's split regex
 
     @property
     def vocab_size(self) -> int:
@@ -867,18 +898,9 @@ def train_byte_level_bpe(root: Path, split: str = LLAMA3_SPLIT, vocab_size: int 
     the post-processor) on `training_text`, with Llama 3's special tokens, a user-defined token, ``<image>``
     and ``<pad>`` after the trained pieces."""
     from tokenizers import AddedToken as TkAddedToken
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    root.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(training_text(), trainer)
+    tok = _trained_byte_level(root, split, vocab_size, ignore_merges=True)
     tok.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL])
     tok.add_tokens([TkAddedToken(LLAMA3_USER_DEFINED, special=False, normalized=False)])
     tok.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in (IMAGE_TOKEN, PAD_TOKEN)])
@@ -891,7 +913,67 @@ def train_byte_level_bpe(root: Path, split: str = LLAMA3_SPLIT, vocab_size: int 
     ])
     path = root / "tokenizer.json"
     tok.save(str(path))
-    return ByteLevelTokenizer(path, ids)
+    return ByteLevelTokenizer(path, ids, split)
+
+
+def _trained_byte_level(root: Path, split: str, vocab_size: int, *, ignore_merges: bool, nfc: bool = False) -> Any:
+    """A tokenizers.Tokenizer: (NFC, then) ``split``, then ByteLevel, its BPE trained on `training_text`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(training_text(), trainer)
+    return tok
+
+
+def train_qwen2_bpe(root: Path, vocab_size: int = BPE_VOCAB_SIZE) -> ByteLevelTokenizer:
+    """Train a Qwen2-style byte-level BPE tokenizer (NFC, `QWEN2_SPLIT` then ByteLevel, merges always applied,
+    no BOS: a ByteLevel post-processor only), with Qwen2's special tokens then ``<image>`` after the pieces."""
+    from tokenizers import AddedToken as TkAddedToken
+    from tokenizers import processors
+
+    tok = _trained_byte_level(root, QWEN2_SPLIT, vocab_size, ignore_merges=False, nfc=True)
+    tok.add_special_tokens([TkAddedToken(t, special=True, normalized=False) for t in (*QWEN2_SPECIAL, IMAGE_TOKEN)])
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    path = root / "tokenizer.json"
+    tok.save(str(path))
+    return ByteLevelTokenizer(path, {t: tok.token_to_id(t) for t in (*QWEN2_SPECIAL, IMAGE_TOKEN)}, QWEN2_SPLIT)
+
+
+def write_qwen2_tokenizer(dest: Path, bpe: ByteLevelTokenizer) -> None:
+    """tokenizer.json, tokenizer_config.json (Qwen2-Instruct's: no BOS, ``<|im_end|>`` ends, ChatML template)
+    and special_tokens_map.json, as llava-hf's Qwen2 LLaVAs ship them."""
+    shutil.copyfile(bpe.path, dest / "tokenizer.json")
+    decoder = {str(i): _decoder_entry(t) for t, i in sorted(bpe.ids.items(), key=lambda kv: kv[1])}
+    _write_json(dest / "tokenizer_config.json", {
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": QWEN2_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "processor_class": "LlavaProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+    _write_json(dest / "special_tokens_map.json", {
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>"})
 
 
 def _decoder_entry(content: str, *, special: bool = True, rstrip: bool = False) -> dict[str, Any]:
@@ -961,11 +1043,18 @@ def write_phi3_tokenizer(dest: Path, tokenizer: TokenizersBackend, sp_model_path
         "bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"})
 
 
-def family_text_config(family: str, vocab_size: int, *, bos: int, eos: int, pad: int,
-                       partial_rotary_factor: float = 1.0, longrope: bool = False) -> LlamaConfig | Phi3Config:
+def family_text_config(family: str, vocab_size: int, *, bos: int | None, eos: int, pad: int,
+                       partial_rotary_factor: float = 1.0, longrope: bool = False,
+                       tie_word_embeddings: bool = False) -> LlamaConfig | Phi3Config | Qwen2Config:
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie_word_embeddings,
                   bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    if family == "qwen2":
+        # Qwen2-0.5B's shape of config: RoPE base 1e6, a sliding window it does not use (written to config.json
+        # by `_unused_sliding_window`: Qwen2Config drops it when use_sliding_window is false)
+        return Qwen2Config(rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False,
+                           max_window_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                           **common)
     if family == "llama3":
         return LlamaConfig(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192, **common)
     if family == "phi3":
@@ -997,13 +1086,29 @@ def build_family_checkpoint(
     bpe: ByteLevelTokenizer | None = None,
     partial_rotary_factor: float = 1.0,
     longrope: bool = False,
+    tie_word_embeddings: bool = False,
+    vision: PretrainedConfig | None = None,
+    vision_feature_select_strategy: str = "default",
 ) -> TinyCheckpoint:
     """A tiny random llava-hf checkpoint whose LLM is ``family`` ("llama3": Llama 3 with a byte-level BPE
-    tokenizer.json; "phi3": Phi-3 with SentencePiece plus its chat tokens), LLaVA 1.5 or 1.6 (NeXT).
+    tokenizer.json; "phi3": Phi-3 with SentencePiece plus its chat tokens; "qwen2": Qwen2 with q/k/v biases,
+    a Qwen2 byte-level BPE and llava-onevision's ChatML template), LLaVA 1.5 or 1.6 (NeXT).
     ``AutoProcessor.from_pretrained(path)`` loads it (its chat template in chat_template.json).
-    ``sp_model_path`` / ``bpe`` reuse trained tokenizers; ``partial_rotary_factor`` and ``longrope`` (Phi-3-128k's
-    RoPE scaling) shape Phi-3's RoPE."""
-    if family == "llama3":
+    ``sp_model_path`` / ``bpe`` reuse trained tokenizers (a ``bpe`` of another split is not used for qwen2);
+    ``partial_rotary_factor`` and ``longrope`` (Phi-3-128k's RoPE scaling) shape Phi-3's RoPE;
+    ``tie_word_embeddings`` ties the LLM's output to its embedding (Qwen2-0.5B's), then no lm_head is written.
+    ``vision`` is the tower's config (default: the tiny CLIP of `vision_config`); the image positions per image
+    follow from its image and patch sizes and ``vision_feature_select_strategy``."""
+    if family == "qwen2":
+        bpe = bpe if bpe is not None and bpe.split == QWEN2_SPLIT else train_qwen2_bpe(root / "qwen2-bpe")
+        ids = bpe.ids
+        image_id = ids[IMAGE_TOKEN]
+        vocab_size = -(-bpe.vocab_size // 32) * 32 + 32  # rows past the tokens, as Qwen2's 151936 for 151646
+        bos, eos, pad = None, ids["<|endoftext|>"], ids["<|endoftext|>"]
+        generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                      "pad_token_id": pad}
+        processor_template, tokenizer_path = QWEN2_PROCESSOR_TEMPLATE, bpe.path
+    elif family == "llama3":
         bpe = bpe or train_byte_level_bpe(root / "byte-level-bpe")
         ids = bpe.ids
         image_id, vocab_size = ids[IMAGE_TOKEN], bpe.vocab_size
@@ -1023,12 +1128,15 @@ def build_family_checkpoint(
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
     text = family_text_config(family, vocab_size, bos=bos, eos=eos, pad=pad,
-                              partial_rotary_factor=partial_rotary_factor, longrope=longrope)
+                              partial_rotary_factor=partial_rotary_factor, longrope=longrope,
+                              tie_word_embeddings=tie_word_embeddings)
+    vision = vision if vision is not None else vision_config()
+    patches = (vision.image_size // vision.patch_size) ** 2
     common = dict(
-        vision_config=vision_config(), text_config=text, image_token_index=image_id,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", tie_word_embeddings=False,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_config=vision, text_config=text, image_token_index=image_id,
+        vision_feature_layer=-2, vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="gelu", tie_word_embeddings=tie_word_embeddings,
+        image_seq_length=patches,
     )
     if llava_version == "1.5":
         model: torch.nn.Module = LlavaForConditionalGeneration(LlavaConfig(**common))
@@ -1038,16 +1146,27 @@ def build_family_checkpoint(
         raise ValueError(f"llava_version must be one of {VERSIONS}, got {llava_version!r}")
     model = model.float().eval()
     randomize_(model, seed)
+    if family == "qwen2":
+        _redraw_attention_biases_(model, seed, QWEN2_BIAS_STD)
+        model.generation_config = GenerationConfig(**generation)  # the reference stops where the files say
+    if tie_word_embeddings:
+        assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
 
     name = f"llava-hf-{llava_version}-{family}-s{spelling}-{seed}" + (
-        f"-rot{partial_rotary_factor:g}" if partial_rotary_factor != 1.0 else "") + ("-longrope" if longrope else "")
+        f"-rot{partial_rotary_factor:g}" if partial_rotary_factor != 1.0 else "") + ("-longrope" if longrope else "") + (
+        "-tied" if tie_word_embeddings else "")
     path = root / name
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
     write_llava_hf(path, model, llava_version, spelling=spelling, save_dtype=torch.float32, max_shard_size=None,
                    generation_config=generation)
-    if family == "llama3":
+    if tie_word_embeddings:  # save_pretrained leaves the tied output out of the files
+        _drop_tensors(path, ("language_model.lm_head.", "lm_head."))
+    if family == "qwen2":
+        _unused_sliding_window(path / "config.json")
+        write_qwen2_tokenizer(path, bpe)  # type: ignore[arg-type]
+    elif family == "llama3":
         write_llama3_tokenizer(path, bpe)  # type: ignore[arg-type]
     else:
         write_phi3_tokenizer(path, phi3, sp_model_path)  # type: ignore[arg-type]
@@ -1057,3 +1176,29 @@ def build_family_checkpoint(
         tokenizer=AutoTokenizer.from_pretrained(str(path)), sp_model_path=tokenizer_path,
         image_processor=reference_image_processor(llava_version, pad_to_square=False), image_token_id=image_id,
     )
+
+
+@torch.no_grad()
+def _redraw_attention_biases_(model: torch.nn.Module, seed: int, std: float) -> None:
+    """The LLM's q/k/v projection biases drawn from N(0, std), so that a dropped or misplaced bias shows."""
+    gen = torch.Generator().manual_seed(seed + 17)
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if "language_model" in name and "self_attn" in name and name.endswith("_proj.bias"):
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _drop_tensors(path: Path, prefixes: tuple[str, ...]) -> None:
+    """Rewrite the single-file checkpoint without the tensors whose names start with ``prefixes``."""
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors"
+    tensors = {k: v for k, v in load_file(str(file)).items() if not k.startswith(prefixes)}
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _unused_sliding_window(config_path: Path) -> None:
+    """Qwen2-0.5B's config.json form: a sliding window that ``use_sliding_window: false`` turns off."""
+    config = json.loads(config_path.read_text())
+    config["text_config"].update(sliding_window=4096, use_sliding_window=False, max_window_layers=2)
+    config["text_config"].pop("layer_types", None)
+    _write_json(config_path, config)

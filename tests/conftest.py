@@ -23,7 +23,7 @@ import pytest
 # tests/ has no __init__.py, so pytest's default "prepend" import mode puts it on sys.path.
 from checkpoints import TinyCheckpoint, build_checkpoint, build_family_checkpoint, train_byte_level_bpe, train_tokenizer
 
-FAMILIES = ("llama3", "phi3")
+FAMILIES = ("llama3", "phi3", "qwen2")
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def tiny_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, sp_model: Path
 ) -> Callable[..., TinyCheckpoint]:
     """Factory: ``tiny_checkpoint(llava_version="1.5", layout="llava-hf", llm="llama", **options)``; ``llm``
-    "llama3" or "phi3" gives a llava-hf checkpoint of that LLM (``build_family_checkpoint``).
+    "llama3", "phi3" or "qwen2" gives a llava-hf checkpoint of that LLM (``build_family_checkpoint``).
 
     Options are those of ``build_checkpoint`` (spelling, save_dtype, max_shard_size,
     tokenizer_files, seed). Builds are cached per argument tuple for the session, so

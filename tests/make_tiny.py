@@ -2,7 +2,7 @@
 (`.ci/run` runs the README's main path on them in an environment without the test extras).
 
     python tests/make_tiny.py CHECKPOINT_DIR PHOTO.png [--layout llava-hf|original] [--version 1.5|1.6]
-        [--llm llama|mistral|llama3|phi3]
+        [--llm llama|mistral|llama3|phi3|qwen2]
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ def main() -> None:
     parser.add_argument("photo", type=Path)
     parser.add_argument("--layout", default="llava-hf", choices=["llava-hf", "original"])
     parser.add_argument("--version", default="1.5", choices=["1.5", "1.6"])
-    parser.add_argument("--llm", default="llama", choices=["llama", "mistral", "llama3", "phi3"],
-                        help="llama3 and phi3: a llava-hf checkpoint of that LLM, with its chat template")
+    parser.add_argument("--llm", default="llama", choices=["llama", "mistral", "llama3", "phi3", "qwen2"],
+                        help="llama3, phi3 and qwen2: a llava-hf checkpoint of that LLM, with its chat template")
     args = parser.parse_args()
     work = args.checkpoint.parent / f".{args.checkpoint.name}-build"
-    if args.llm in ("llama3", "phi3"):
+    if args.llm in ("llama3", "phi3", "qwen2"):
         ckpt = build_family_checkpoint(work, family=args.llm, llava_version=args.version)
     else:
         ckpt = build_checkpoint(work, llava_version=args.version, layout=args.layout, llm=args.llm)

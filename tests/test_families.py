@@ -1,6 +1,7 @@
-"""The LLaVA family's other LLMs (issue 20), converted and compared with transformers: Llama 3 (byte-level
-BPE) in LLaVA 1.5 and LLaVA-NeXT, Phi-3 (llama.cpp's phi3 architecture) and BakLLaVA's Mistral in llava-hf's
-LLaVA 1.5 layout."""
+"""The LLaVA family's other LLMs (issues 20 and 21), converted and compared with transformers: Llama 3
+(byte-level BPE) in LLaVA 1.5 and LLaVA-NeXT, Phi-3 (llama.cpp's phi3 architecture), Qwen2 (llama.cpp's qwen2:
+q/k/v biases, NEOX RoPE, Qwen2's byte-level BPE, ChatML; tied or untied embeddings) and BakLLaVA's Mistral in
+llava-hf's LLaVA 1.5 layout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from checkpoints import (
     LLAMA3_CHAT_TEMPLATE,
     LLAMA3_PROCESSOR_TEMPLATE,
     PHI3_PROCESSOR_TEMPLATE,
+    QWEN2_PROCESSOR_TEMPLATE,
     TinyCheckpoint,
     build_checkpoint,
     build_family_checkpoint,
@@ -39,7 +41,12 @@ CASES = [
     pytest.param(("phi3", "1.5", 1.0), id="phi3-1.5"),
     pytest.param(("phi3", "1.6", 0.5), id="phi3-next-partial-rotary"),
     pytest.param(("phi3", "1.5", "longrope"), id="phi3-1.5-longrope"),
+    pytest.param(("qwen2", "1.5", 1.0), id="qwen2-1.5"),
+    pytest.param(("qwen2", "1.5", "tied"), id="qwen2-1.5-tied"),
 ]
+# one case per tokenizer
+TOKENIZER_CASES = [c for c in CASES if c.id in ("llama3-1.5", "llama3-next", "phi3-1.5", "qwen2-1.5")]
+ARCHS = {"llama3": "llama", "phi3": "phi3", "qwen2": "qwen2"}
 
 COMMON_TEXTS = [
     "Hello world, what is in this image?",
@@ -61,24 +68,31 @@ SPECIAL_TEXTS = {
         "<|system|>\nBe brief.<|end|>\n<|user|>\n  two spaces<|end|>\n<|endoftext|> after",
         "<|user|>\n<image>What?<|end|>\n<|assistant|>\nIt is a cat.<|end|>\n",
     ],
+    "qwen2": [
+        "<|im_start|>user <image>\nWhat is this?<|im_end|><|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n  two spaces 3.5<|im_end|>\n<|endoftext|> after",
+        "<image><image>\n12345<|im_end|>x",
+    ],
 }
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Callable[..., tuple[TinyCheckpoint, Path]]:
-    """Factory: ``family(kind, llava_version, partial_rotary_factor or "longrope", quant)`` -> (checkpoint, LLM GGUF)."""
+    """Factory: ``family(kind, llava_version, variant, quant)`` -> (checkpoint, LLM GGUF); ``variant`` is Phi-3's
+    partial_rotary_factor or "longrope", or "tied" (tied embeddings)."""
     checkpoints: dict[tuple, TinyCheckpoint] = {}
     converted: dict[tuple, Path] = {}
     bpe = train_byte_level_bpe(tmp_path_factory.mktemp("byte-level-bpe"))
 
-    def make(kind: str, version: str = "1.5", rotary: float = 1.0,
+    def make(kind: str, version: str = "1.5", rotary: float | str = 1.0,
              quant: Quant = Quant.F32) -> tuple[TinyCheckpoint, Path]:
         key = (kind, version, rotary)
         if key not in checkpoints:
-            longrope = rotary == "longrope"
+            longrope, tied = rotary == "longrope", rotary == "tied"
             checkpoints[key] = build_family_checkpoint(
                 tmp_path_factory.mktemp(f"{kind}-{version}"), family=kind, llava_version=version,
-                sp_model_path=sp_model, bpe=bpe, partial_rotary_factor=1.0 if longrope else rotary, longrope=longrope)
+                sp_model_path=sp_model, bpe=bpe, partial_rotary_factor=1.0 if longrope or tied else rotary,
+                longrope=longrope, tie_word_embeddings=tied)
         if (*key, quant) not in converted:
             out = tmp_path_factory.mktemp(f"gguf-{kind}-{version}-{quant.value}")
             result = convert_checkpoint(checkpoints[key].path, out, ConvertOptions(quant=quant, mmproj_type=MmprojType.F32))
@@ -98,14 +112,14 @@ def test_gguf_carries_the_family(family, case) -> None:
     ckpt, llm = family(kind, version, rotary)
     text = ckpt.model.config.text_config
     fields = _fields(llm)
-    arch = "phi3" if kind == "phi3" else "llama"
+    arch = ARCHS[kind]
     assert fields.get(gguf.Keys.General.ARCHITECTURE) == arch
     assert fields.get(gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)) == text.hidden_size
     assert fields.get(gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch)) == text.intermediate_size
     assert fields.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)) == text.num_key_value_heads
     assert fields.get(gguf.Keys.Rope.FREQ_BASE.format(arch=arch)) == pytest.approx(text.rope_parameters["rope_theta"])
     head_dim = text.hidden_size // text.num_attention_heads
-    rotated = int(head_dim * text.rope_parameters.get("partial_rotary_factor", 1.0))
+    rotated = int(head_dim * (text.rope_parameters.get("partial_rotary_factor") or 1.0))
     assert fields.get(gguf.Keys.Rope.DIMENSION_COUNT.format(arch=arch)) == rotated
     assert len(fields.get(gguf.Keys.Tokenizer.LIST)) == text.vocab_size
     assert fields.get(LlavaKeys.TEMPLATE) == Template.CHECKPOINT.value
@@ -128,6 +142,31 @@ def test_gguf_carries_the_family(family, case) -> None:
         assert types[vocab["<|eot_id|>"]] == gguf.TokenType.CONTROL
         assert types[vocab["<|note|>"]] == gguf.TokenType.USER_DEFINED
         assert types[vocab["Ġthe"]] == gguf.TokenType.NORMAL
+    elif kind == "qwen2":
+        assert fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE) == QWEN2_PROCESSOR_TEMPLATE
+        assert (fields.get(gguf.Keys.Tokenizer.MODEL), fields.get(gguf.Keys.Tokenizer.PRE)) == ("gpt2", "qwen2")
+        assert [tokens[i] for i in fields.get(LlavaKeys.EOS_TOKEN_IDS)] == ["<|im_end|>", "<|endoftext|>"]
+        assert tokens[eot] == "<|im_end|>"
+        assert not fields.get(gguf.Keys.Tokenizer.ADD_BOS)  # Qwen2 adds no BOS
+        assert len(fields.get(gguf.Keys.Tokenizer.MERGES)) > 0
+        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", IMAGE_TOKEN):
+            assert types[tokens.index(token)] == gguf.TokenType.CONTROL, token
+        # Qwen2-0.5B's sliding_window is in config.json but use_sliding_window is false: the full context
+        assert text.use_sliding_window is False
+        assert json.loads((ckpt.path / "config.json").read_text())["text_config"]["sliding_window"] == 4096
+        assert fields.get(gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)) == text.max_position_embeddings == 32768
+        reader = gguf.GGUFReader(llm)
+        tensors = {t.name: np.array(t.data) for t in reader.tensors}
+        state = ckpt.model.state_dict()
+        for i in range(text.num_hidden_layers):
+            for proj, short in (("q", "q"), ("k", "k"), ("v", "v")):
+                bias = state[f"model.language_model.layers.{i}.self_attn.{proj}_proj.bias"].numpy()
+                # NEOX RoPE: q and k (weights and biases) are Hugging Face's rows, unpermuted
+                assert np.array_equal(tensors[f"blk.{i}.attn_{short}.bias"], bias)
+                assert np.array_equal(tensors[f"blk.{i}.attn_{short}.weight"],
+                                      state[f"model.language_model.layers.{i}.self_attn.{proj}_proj.weight"].numpy())
+        assert ("output.weight" in tensors) is (rotary != "tied")
+        assert text.tie_word_embeddings is (rotary == "tied")
     else:
         assert fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE) == PHI3_PROCESSOR_TEMPLATE
         assert fields.get(gguf.Keys.Tokenizer.MODEL) == "llama"
@@ -152,7 +191,7 @@ def test_gguf_carries_the_family(family, case) -> None:
         assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.attn_q.weight" not in names
 
 
-@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("case", TOKENIZER_CASES)
 def test_tokenization_equals_transformers(family, case) -> None:
     """The runtime's tokenizer (llama.cpp's vocabulary, with the reference's whitespace rules around special
     tokens, Phi-3's included) gives transformers' ids."""
@@ -192,7 +231,28 @@ def test_text_logits_equal_transformers(family, case) -> None:
     assert (ours.argmax(-1) == reference.argmax(-1)).mean() > 0.95
 
 
-@pytest.mark.parametrize("kind", ["llama3", "phi3"])
+def test_qwen2_splits_digits_one_at_a_time(family) -> None:
+    ckpt, path = family("qwen2")
+    llm = load_llama(path)
+    pieces = [llm.detokenize([t]).decode() for t in llm.tokenize(b"12345678 x42", add_bos=False, special=True)]
+    assert pieces[:8] == list("12345678")
+    assert llm.tokenize(b"12345678 x42", add_bos=False, special=True) == ckpt.tokenizer("12345678 x42").input_ids
+
+
+def test_qwen2_normalizes_to_nfc_as_its_tokenizer_json(family) -> None:
+    """Qwen2's tokenizer.json normalizes to NFC and llama.cpp does not: the GGUF says so and the runtime
+    normalizes, so decomposed text (e + U+0301) tokenizes as the reference does."""
+    ckpt, path = family("qwen2")
+    assert _fields(path).get(LlavaKeys.UNICODE_NORMALIZATION) == "NFC"
+    runtime = LlamaRuntime(path, LlamaOptions(n_threads=1, repack=RepackPolicy.OFF))
+    try:
+        for text in ["cafe\u0301 Ame\u0301lie", "A\u030angstro\u0308m", "<|im_start|>user\nn\u0303<|im_end|>"]:
+            assert runtime.tokenize(text, add_bos=False, special=True) == ckpt.tokenizer(text).input_ids, text
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("kind", ["llama3", "phi3", "qwen2"])
 def test_q4_k_m_conversion_loads(family, kind) -> None:
     ckpt, path = family(kind, quant=Quant.Q4_K_M)
     fields = _fields(path)
@@ -270,6 +330,55 @@ def test_builtin_template_without_a_chat_template(family, tmp_path: Path) -> Non
         assert config.pop("chat_template") in (LLAMA3_CHAT_TEMPLATE, ckpt.tokenizer.chat_template)
         (copy / "tokenizer_config.json").write_text(json.dumps(config))
         assert read_checkpoint(copy).template is expected
+
+
+def test_qwen2_without_a_chat_template_is_refused_in_one_line(family, tmp_path: Path) -> None:
+    """LLaVA's conv_templates do not cover Qwen2: its prompts come from the checkpoint's template, or nothing."""
+    ckpt, _ = family("qwen2")
+    copy = tmp_path / "qwen2-no-template"
+    shutil.copytree(ckpt.path, copy)
+    (copy / "chat_template.json").unlink()
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(copy)
+    assert "\n" not in str(e.value) and "qwen2" in str(e.value) and "chat template" in str(e.value)
+
+
+@pytest.mark.parametrize("spelling", [4, 5])
+def test_qwen2_config_parses_as_transformers(tmp_path: Path, spelling: int) -> None:
+    """Both spellings (transformers 4's flat rope_theta, 5's rope_parameters), tied or not, as AutoConfig reads
+    them; then a text_config of only its model_type gets Qwen2Config's defaults."""
+    from transformers import AutoConfig
+
+    for tied in (False, True):
+        ckpt = build_family_checkpoint(tmp_path / f"s{spelling}-{tied}", family="qwen2", spelling=spelling,
+                                       tie_word_embeddings=tied)
+        raw = json.loads((ckpt.path / "config.json").read_text())["text_config"]
+        assert ("rope_parameters" in raw) is (spelling == 5) and ("rope_theta" in raw) is (spelling == 4)
+        _assert_text_config_as_transformers(ckpt.path, AutoConfig.from_pretrained(str(ckpt.path)))
+    config = json.loads((ckpt.path / "config.json").read_text())
+    config["text_config"] = {"model_type": "qwen2"}
+    (ckpt.path / "config.json").write_text(json.dumps(config))
+    _assert_text_config_as_transformers(ckpt.path, AutoConfig.from_pretrained(str(ckpt.path)))
+    # a window that use_sliding_window turns on bounds the context, as for Mistral
+    config["text_config"] = {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 1024}
+    (ckpt.path / "config.json").write_text(json.dumps(config))
+    assert read_checkpoint(ckpt.path).text.context_length == 1024
+
+
+def _assert_text_config_as_transformers(path: Path, reference: object) -> None:
+    ref = reference.get_text_config()  # type: ignore[attr-defined]
+    ours = read_checkpoint(path).text
+    assert ours.family.arch_name == "qwen2"
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"] and ours.rope_scaling is None
+    assert ours.tie_word_embeddings is bool(reference.tie_word_embeddings)  # type: ignore[attr-defined]
+    assert ours.sliding_window == ref.sliding_window is None
+    assert ours.context_length == ref.max_position_embeddings
 
 
 def test_fused_projection_of_the_wrong_size_is_refused(family, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The LLaVA family's other LLMs against transformers' own pipeline on the same weights: a Llama-3 LLM
-(byte-level BPE) under LLaVA 1.5 and LLaVA-NeXT, Phi-3, and a Mistral LLaVA 1.5 (BakLLaVA's shape).
+(byte-level BPE) under LLaVA 1.5 and LLaVA-NeXT, Phi-3, Qwen2 (ChatML, <|im_end|> stops) and a Mistral LLaVA 1.5
+(BakLLaVA's shape).
 
 The reference is what a user of the llava-hf checkpoint runs: ``AutoProcessor.from_pretrained(dir)``,
 ``apply_chat_template(messages, add_generation_prompt=True)``, ``processor(images=..., text=...)`` and
@@ -25,7 +26,7 @@ from llava_gguf.llm.sampling import SamplingOptions
 from llava_gguf.llm.sequence import ImageSlot
 from llava_gguf.model import GenerationOptions, LlavaModel
 
-KINDS = [("1.5", "llama3"), ("1.6", "llama3"), ("1.5", "phi3"), ("1.5", "mistral")]
+KINDS = [("1.5", "llama3"), ("1.6", "llama3"), ("1.5", "phi3"), ("1.5", "qwen2"), ("1.5", "mistral")]
 N_NEW = 16
 GREEDY = GenerationOptions(max_tokens=N_NEW, sampling=SamplingOptions(temperature=0.0))
 
@@ -127,3 +128,40 @@ def test_image_features(loaded, version: str, llm: str, size: tuple[int, int]) -
     ours = model.image_features(image)
     assert ours.shape == expected.shape
     assert np.abs(ours - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_qwen2_answer_stops_at_im_end(tmp_path: Path) -> None:
+    """<|im_end|> (generation_config's first eos id, not the tokenizer's <|endoftext|> config eos) ends the answer
+    where transformers' generate stops: its output row becomes a copy of a token the answer would give at step 4,
+    scaled up, so the reference stops early; ours must stop on the same token."""
+    from checkpoints import build_family_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+
+    ckpt = build_family_checkpoint(tmp_path / "ckpt", family="qwen2")
+    image = random_image(90, 50, seed=1)
+    messages = [{"role": "user", "content": _content("What is in the picture?", 1)}]
+    _, before = reference(ckpt, messages, [image])
+    later = [t for t in before[3:] if t not in before[:3]]
+    assert later, before
+    im_end = ckpt.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    head = ckpt.model.lm_head.weight
+    with torch.no_grad():
+        head[im_end] = head[later[0]] * 1.05
+    weights = ckpt.path / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["language_model.lm_head.weight"] = head.detach().clone()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    ref_ids, ref_tokens = reference(ckpt, messages, [image])
+    assert 0 < len(ref_tokens) < N_NEW, (before, ref_tokens)  # stopped by <|im_end|>, mid-answer
+
+    result = convert_checkpoint(ckpt.path, tmp_path / "out", ConvertOptions(quant=Quant.F32, mmproj_type=MmprojType.F32))
+    model = LlavaModel(result.llm, result.mmproj, EXACT)
+    try:
+        chat = model.chat()
+        "".join(chat.send("What is in the picture?", [_save(image, tmp_path, "a.png")], GREEDY))
+        assert expanded_ids(chat.last_items, int(ckpt.model.config.image_token_id)) == ref_ids
+        assert chat.last_tokens == ref_tokens
+    finally:
+        model.close()

@@ -2,7 +2,8 @@
 
 PAD: original LLaVA 1.5 (`expand2square` + CLIPImageProcessor), the same as transformers'
 `LlavaImageProcessorPil(do_pad=True)`. CROP: `LlavaImageProcessorPil` / `CLIPImageProcessor`.
-ANYRES: `LlavaNextImageProcessorPil`. Resizing is Pillow's, on uint8 RGB, as the Pillow
+ANYRES: `LlavaNextImageProcessorPil`. RESIZE: `SiglipImageProcessorPil` (the image squashed to
+the tile, no crop). Resizing is Pillow's, on uint8 RGB, as the Pillow
 backends do it; intermediate images are channels-last uint8 arrays [H, W, 3].
 """
 
@@ -27,6 +28,8 @@ def preprocess(image: Image.Image, settings: VisionSettings) -> tuple[np.ndarray
         views = [pad_to_square(pixels, background_color(settings))]
     elif settings.image_mode == ImageMode.CROP:
         views = [pixels]
+    elif settings.image_mode == ImageMode.RESIZE:
+        return np.stack([resize_view(pixels, settings)]), original_hw  # [1, 3, crop_h, crop_w]
     else:
         views = split_anyres(pixels, settings)
     tiles = [process_view(view, settings) for view in views]
@@ -36,6 +39,11 @@ def preprocess(image: Image.Image, settings: VisionSettings) -> tuple[np.ndarray
 def process_view(pixels: np.ndarray, settings: VisionSettings) -> np.ndarray:
     """[H, W, 3] uint8 -> [3, crop_h, crop_w] float32: resize the shortest edge, center crop, normalize."""
     return normalize_tile(center_crop(resize_shortest_edge(pixels, settings), settings.crop_size), settings)
+
+
+def resize_view(pixels: np.ndarray, settings: VisionSettings) -> np.ndarray:
+    """[H, W, 3] uint8 -> [3, crop_h, crop_w] float32: resize to the tile (aspect not kept), normalize."""
+    return normalize_tile(resize(pixels, settings.crop_size, settings.resample), settings)
 
 
 def background_color(settings: VisionSettings) -> tuple[int, int, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import unicodedata
 from pathlib import Path
 
 import gguf
@@ -79,6 +80,8 @@ class Tokenizer:
         self.space_after_special = _flag(metadata, LlavaKeys.SPACE_AFTER_SPECIAL, True)
         self._plain: _internals.LlamaModel | None = None
         self._overrides: ctypes.Array[llama_cpp.llama_model_kv_override] | None = None
+        # the reference's normalizer (Qwen2's NFC): llama.cpp applies none, so the text is normalized here
+        self.normalization = metadata.get(LlavaKeys.UNICODE_NORMALIZATION) or None
         image_token = metadata.get(LlavaKeys.IMAGE_TOKEN_ID)
         self._image_token = int(image_token) if image_token is not None else None
         self._rstrip = self._phi3_rstrip() if metadata.get("general.architecture") == PHI3_ARCH else None
@@ -99,6 +102,8 @@ class Tokenizer:
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
         bos = [self.model.token_bos()] if add_bos else []
+        if self.normalization is not None:
+            text = unicodedata.normalize(self.normalization, text)  # type: ignore[arg-type]
         if special and self._rstrip is not None:
             text = self._rstrip.sub(r"\1", text)
         if not text:

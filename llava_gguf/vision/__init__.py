@@ -5,7 +5,7 @@ it (``numpy_encoder``, ``ggml_encoder`` on ``ggml_lib``, and libmtmd behind its 
 from __future__ import annotations
 
 from llava_gguf.vision.encoder import TileCallback, VisionEncoder
-from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES, NumpyVisionEncoder, gelu, quick_gelu
+from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES, NumpyVisionEncoder, gelu, gelu_tanh, quick_gelu
 from llava_gguf.vision.weights import GGUFTensors, TowerLayout, VisionTowerConfig, load_mmproj_tensors, read_tower
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "VisionEncoder",
     "VisionTowerConfig",
     "gelu",
+    "gelu_tanh",
     "load_mmproj_tensors",
     "quick_gelu",
     "read_tower",

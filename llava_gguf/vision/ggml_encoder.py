@@ -11,6 +11,10 @@ f16; every product asks for f32 accumulation (``ggml_prec_set_acc``), which GPU 
 The class token enters through the input: each tile's patch matrix gets a leading row of zeros, whose
 embedding is exactly zero, and the position table's first row carries ``class_embedding +
 position[0]`` (the same single float32 addition the reference makes).
+
+A SigLIP tower (`TowerSpec`) adds the patch bias, has no class token (no zero row) and no
+pre-layernorm, and its MLP's tanh GELU is built from elementary f32 ops (``ggml_gelu`` is an f16
+table on the CPU): 0.5 x + 0.5 x tanh(sqrt(2 / pi) (x + 0.044715 x^3)).
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ from llava_gguf.vision.ggml_lib import (
 from llava_gguf.vision.weights import TowerLayout, VisionTowerConfig, read_tower
 
 _F32 = np.float32
-GRAPH_SIZE = 8192  # nodes; a CLIP-L tower with 23 blocks needs about 800
+GRAPH_SIZE = 8192  # nodes; a CLIP-L tower with 23 blocks needs about 800, SigLIP-so400m's 27 about 1200
 QUICK_GELU_SCALE = 1.702
+TANH_GELU_BETA = math.sqrt(2.0 / math.pi)
+TANH_GELU_KAPPA = 0.044715
 
 
 class GgmlVisionEncoder(TowerShapes):
@@ -159,8 +165,9 @@ class GgmlVisionEncoder(TowerShapes):
             return np.ascontiguousarray(self._tensors[name], dtype=_F32)
 
         def position() -> np.ndarray:
-            table = f32(layout.position + ".weight").copy()  # [1 + n_patches, H]
-            table[0] += f32(layout.class_embedding).reshape(-1)  # class token + its position, as the reference adds
+            table = f32(layout.position + ".weight").copy()  # [T, H]
+            if cfg.spec.class_token:
+                table[0] += f32(layout.class_embedding).reshape(-1)  # class token + its position, as the reference adds
             return table
 
         def patch() -> np.ndarray:
@@ -172,12 +179,14 @@ class GgmlVisionEncoder(TowerShapes):
         def stored(key: str) -> Callable[[], np.ndarray]:
             return lambda: f32(key)
 
-        h, t = cfg.hidden_size, cfg.num_patches + 1
+        h, t = cfg.hidden_size, cfg.num_positions
         specs: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = [
             ("patch", (h, 3 * cfg.patch_size**2), patch),
             ("position", (t, h), position),
         ]
-        names = [layout.pre_layernorm, *layout.projector]
+        if cfg.spec.patch_bias:
+            specs.append(("patch.bias", (h,), stored(layout.patch + ".bias")))
+        names = [layout.pre_layernorm, *layout.projector] if cfg.spec.pre_layernorm else [*layout.projector]
         for i, block in enumerate(layout.blocks):
             names += [block.ln1, block.out, block.ln2, block.fc1, block.fc2]
             # q, k and v as one product (one larger GEMM runs faster than three)
@@ -224,14 +233,15 @@ class GgmlVisionEncoder(TowerShapes):
         p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
         # [B, 3, g*p, g*p] -> [B, 3, g, p, g, p] -> [B, g, g, 3, p, p] -> [B, g*g, 3*p*p]; rows in raster order
         patches = tiles.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
-        rows = np.zeros((b, 1 + g * g, 3 * p * p), dtype=_F32)  # [B, 1 + g*g, 3*p*p]: row 0 is the class token's
-        rows[:, 1:] = patches
+        first = cfg.num_positions - g * g  # 1: row 0 is the class token's (zeros), 0: no class token
+        rows = np.zeros((b, cfg.num_positions, 3 * p * p), dtype=_F32)  # [B, T, 3*p*p]
+        rows[:, first:] = patches
         overhead = lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
         ctx = lib.ggml_init(ggml_init_params(mem_size=overhead, mem_buffer=None, no_alloc=True))
         if not ctx:
             raise GgmlUnavailable("ggml_init failed for the graph's context")
         try:
-            inp = self._new_tensor(ctx, (3 * p * p, 1 + g * g, b))
+            inp = self._new_tensor(ctx, (3 * p * p, cfg.num_positions, b))
             lib.ggml_set_input(inp)
             out = Graph(lib, ctx, self._weights, self.layout).features(inp, b)
             lib.ggml_set_output(out)
@@ -271,24 +281,34 @@ class Graph:
         return lib.ggml_add(self.ctx, y, self.w[name + ".bias"])
 
     def activation(self, x: ggml_tensor_p, kind: str) -> ggml_tensor_p:
-        lib = self.lib
+        lib, ctx = self.lib, self.ctx
         if kind == "gelu":
-            return lib.ggml_gelu_erf(self.ctx, x)
+            return lib.ggml_gelu_erf(ctx, x)
+        if kind == "gelu_pytorch_tanh":
+            # 0.5 x + 0.5 x tanh(beta (x + kappa x^3)), every op in f32
+            cube = lib.ggml_mul(ctx, lib.ggml_mul(ctx, x, x), x)
+            inner = lib.ggml_add(ctx, x, lib.ggml_scale(ctx, cube, TANH_GELU_KAPPA))
+            tanh = lib.ggml_tanh(ctx, lib.ggml_scale(ctx, inner, TANH_GELU_BETA))
+            half = lib.ggml_scale(ctx, x, 0.5)
+            return lib.ggml_add(ctx, half, lib.ggml_mul(ctx, half, tanh))
         # quick_gelu: x * sigmoid(1.702 x)
         return lib.ggml_mul(self.ctx, x, lib.ggml_sigmoid(self.ctx, lib.ggml_scale(self.ctx, x, QUICK_GELU_SCALE)))
 
     def features(self, inp: ggml_tensor_p, b: int) -> ggml_tensor_p:
-        """inp [3*p*p, T, B] (row 0 of each tile zero) -> features [llm_hidden, n_tokens, B]."""
+        """inp [3*p*p, T, B] (row 0 of each tile zero with a class token) -> features [llm_hidden, n_tokens, B]."""
         lib, ctx, cfg = self.lib, self.ctx, self.cfg
         x = lib.ggml_mul_mat(ctx, self.w["patch"], inp)  # [3*p*p, H] x [3*p*p, T, B] -> [H, T, B]
         lib.ggml_prec_set_acc(x, GGML_PREC_F32)
-        x = lib.ggml_add(ctx, x, self.w["position"])  # + [H, T], the class token in row 0
-        x = self.layer_norm(x, self.layout.pre_layernorm)
+        if cfg.spec.patch_bias:
+            x = lib.ggml_add(ctx, x, self.w["patch.bias"])  # + [H]
+        x = lib.ggml_add(ctx, x, self.w["position"])  # + [H, T], the class token (if any) in row 0
+        if cfg.spec.pre_layernorm:
+            x = self.layer_norm(x, self.layout.pre_layernorm)
         for i in range(cfg.vision_feature_layer):
             x = self.block(x, i, b)
-        h, t = cfg.hidden_size, cfg.num_patches + 1
+        h, t = cfg.hidden_size, cfg.num_positions
         if cfg.vision_feature_select_strategy == SelectStrategy.DEFAULT:
-            # [H, T, B] -> [H, T - 1, B]: drop the class token
+            # [H, T, B] -> [H, T - 1, B]: drop position 0 (CLIP's class token)
             x = lib.ggml_cont(ctx, lib.ggml_view_3d(ctx, x, h, t - 1, b, 4 * h, 4 * h * t, 4 * h))
         names = self.layout.projector
         y = self.linear(x, names[0])
@@ -298,10 +318,10 @@ class Graph:
         return y
 
     def block(self, x: ggml_tensor_p, i: int, b: int) -> ggml_tensor_p:
-        """One CLIP encoder layer: x [H, T, B] -> [H, T, B]."""
+        """One pre-LN encoder layer (CLIP's and SigLIP's): x [H, T, B] -> [H, T, B]."""
         lib, ctx, cfg = self.lib, self.ctx, self.cfg
         names = self.layout.blocks[i]
-        h, t, nh = cfg.hidden_size, cfg.num_patches + 1, cfg.num_attention_heads
+        h, t, nh = cfg.hidden_size, cfg.num_positions, cfg.num_attention_heads
         hd = h // nh
         y = self.layer_norm(x, names.ln1)
         qkv = self.linear(y, qkv_name(i))  # [3H, T, B]: q, k, v one after the other in each row

@@ -117,6 +117,8 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_soft_max_ext": (_t, [_ctx, _t, _t, _f, _f]),
     # struct ggml_tensor * ggml_gelu_erf / ggml_sigmoid / ggml_cont (struct ggml_context * ctx, struct ggml_tensor * a);
     "ggml_gelu_erf": (_t, [_ctx, _t]),
+    # struct ggml_tensor * ggml_tanh(struct ggml_context * ctx, struct ggml_tensor * a);  (tanhf per element)
+    "ggml_tanh": (_t, [_ctx, _t]),
     "ggml_sigmoid": (_t, [_ctx, _t]),
     "ggml_cont": (_t, [_ctx, _t]),
     # struct ggml_tensor * ggml_reshape_3d(ctx, a, int64_t ne0, int64_t ne1, int64_t ne2);

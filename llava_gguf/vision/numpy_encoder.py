@@ -1,10 +1,12 @@
-"""An exact NumPy CLIP vision tower plus LLaVA projector, reading its weights from an mmproj GGUF.
+"""An exact NumPy vision tower (CLIP or SigLIP) plus LLaVA projector, reading its weights from an mmproj GGUF.
 
 llama.cpp's libmtmd places LLaVA's class token after the patches while filling the position
 embeddings as if it came first, so its image features differ from the reference. This encoder
 computes what transformers' ``LlavaModel.get_image_features`` computes, in float32:
 patch embedding, class token first, position embeddings, pre-layernorm, the blocks up to the
-selected hidden state, the select strategy, then the projector (linear_1, GELU, linear_2).
+selected hidden state, the select strategy, then the projector (linear_1, GELU, linear_2). A SigLIP
+tower (`TowerSpec`) has a patch bias and neither class token nor pre-layernorm, and its MLP uses
+torch's tanh GELU.
 
 An image's tiles run through the tower together, one layer at a time, so each float16 or
 quantized weight is converted to float32 once per image (not once per tile) and only one layer's
@@ -153,27 +155,33 @@ class NumpyVisionEncoder(TowerShapes):
                 for i in range(n):
                     h = hidden[i]
                     if self.config.vision_feature_select_strategy == SelectStrategy.DEFAULT:
-                        h = h[1:]  # [T, H] -> [T - 1, H]: drop the class token
+                        h = h[1:]  # [T, H] -> [T - 1, H]: drop position 0 (CLIP's class token)
                     out[i] = self.project(h)
             progress.step()
         return out
 
     def embed(self, tile: np.ndarray) -> np.ndarray:
-        """tile [3, S, S] -> hidden_states[0]: pre-layernormed embeddings [1 + n_patches, H]."""
-        cfg = self.config
+        """tile [3, S, S] -> hidden_states[0]: the embeddings [T, H] (T = 1 + n_patches with a class token),
+        pre-layernormed where the tower has one."""
+        cfg, spec = self.config, self.config.spec
         p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
         # [3, g*p, g*p] -> [3, g, p, g, p] -> [g, g, 3, p, p] -> [g*g, 3*p*p]; rows in raster order
         patches = tile.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
         # conv weight [H, 3, p, p] -> [H, 3*p*p]
         w = self._weight(self.layout.patch + ".weight").reshape(cfg.hidden_size, -1)
-        emb = patches @ w.T  # [g*g, H]
-        cls = self._weight(self.layout.class_embedding)  # [H]
-        x = np.concatenate([cls[None, :], emb], axis=0)  # [1 + g*g, H]: class token first
-        x += self._weight(self.layout.position + ".weight")  # [1 + g*g, H]
-        return self._layer_norm(x, self.layout.pre_layernorm)
+        x = patches @ w.T  # [g*g, H]
+        if spec.patch_bias:
+            x += self._weight(self.layout.patch + ".bias")  # [H]
+        if spec.class_token:
+            cls = self._weight(self.layout.class_embedding)  # [H]
+            x = np.concatenate([cls[None, :], x], axis=0)  # [1 + g*g, H]: class token first
+        x += self._weight(self.layout.position + ".weight")  # [T, H]
+        if spec.pre_layernorm:
+            x = self._layer_norm(x, self.layout.pre_layernorm)
+        return x
 
     def _block(self, x: np.ndarray, i: int) -> np.ndarray:
-        """One CLIP encoder layer: x [T, H] -> [T, H]."""
+        """One pre-LN encoder layer (CLIP's and SigLIP's): x [T, H] -> [T, H]."""
         cfg = self.config
         t, hidden = x.shape
         nh = cfg.num_attention_heads
@@ -315,7 +323,31 @@ def _gelu_chunk(
     out[...] = b2
 
 
+_TANH_GELU_BETA = math.sqrt(2.0 / math.pi)
+_TANH_GELU_KAPPA = 0.044715
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """torch's GELU(approximate="tanh") (transformers' gelu_pytorch_tanh, SigLIP's MLP):
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), computed in float64, returned as float32."""
+    flat = x.reshape(-1)  # [N]
+    out = np.empty(flat.shape, dtype=_F32)
+    for start in range(0, flat.size, _GELU_CHUNK):
+        v = flat[start : start + _GELU_CHUNK].astype(np.float64)
+        inner = v * v
+        inner *= _TANH_GELU_KAPPA * v
+        inner += v
+        inner *= _TANH_GELU_BETA
+        np.tanh(inner, out=inner)
+        inner += 1.0
+        inner *= v
+        inner *= 0.5
+        out[start : start + v.size] = inner
+    return out.reshape(x.shape)
+
+
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "quick_gelu": quick_gelu,
     "gelu": gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
 }

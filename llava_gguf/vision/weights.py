@@ -18,10 +18,19 @@ import gguf
 import numpy as np
 
 from llava_gguf.errors import GGUFFormatError
-from llava_gguf.metadata import NEWLINE_TENSORS, ClipKeys, GGUFFields, SelectStrategy, VisionSettings, read_gguf
+from llava_gguf.metadata import (
+    NEWLINE_TENSORS,
+    ClipKeys,
+    GGUFFields,
+    SelectStrategy,
+    TowerKind,
+    VisionSettings,
+    read_gguf,
+)
 
 PLAIN_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-ACTIVATION_NAMES = ("gelu", "quick_gelu")  # what the encoders compute: the projector's and CLIP's MLP's
+# what the encoders compute: the projector's, CLIP's MLP's and SigLIP's (torch's tanh GELU)
+ACTIVATION_NAMES = ("gelu", "quick_gelu", "gelu_pytorch_tanh")
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +103,23 @@ def load_mmproj_tensors(path: str | os.PathLike[str]) -> GGUFTensors:
 
 
 @dataclass(frozen=True)
+class TowerSpec:
+    """What one tower kind's graph has; the encoders and the converter read it, one path for all kinds."""
+
+    class_token: bool  # a class embedding before the patches (position row 0 is its)
+    pre_layernorm: bool  # a layernorm on the embeddings (CLIP's pre_layrnorm)
+    patch_bias: bool  # the patch convolution has a bias
+    mlp_activation: str | None  # the blocks' MLP activation; None: from clip.use_gelu (gelu or quick_gelu)
+
+
+TOWER_SPECS: dict[TowerKind, TowerSpec] = {
+    TowerKind.CLIP: TowerSpec(class_token=True, pre_layernorm=True, patch_bias=False, mlp_activation=None),
+    TowerKind.SIGLIP: TowerSpec(class_token=False, pre_layernorm=False, patch_bias=True,
+                                mlp_activation="gelu_pytorch_tanh"),
+}
+
+
+@dataclass(frozen=True)
 class VisionTowerConfig:
     """Hyperparameters of the part of the CLIP tower that runs, plus LLaVA's feature selection.
 
@@ -108,18 +134,28 @@ class VisionTowerConfig:
     vision_feature_layer: int
     vision_feature_select_strategy: SelectStrategy = SelectStrategy.DEFAULT
     layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"  # CLIP's MLP activation
+    hidden_act: str = "quick_gelu"  # the blocks' MLP activation
     projector_hidden_act: str = "gelu"
+    tower: TowerKind = TowerKind.CLIP
+
+    @property
+    def spec(self) -> TowerSpec:
+        return TOWER_SPECS[self.tower]
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_positions(self) -> int:
+        """Tokens through the blocks: the patches, after the class token where the tower has one."""
+        return self.num_patches + (1 if self.spec.class_token else 0)
+
+    @property
     def n_tokens(self) -> int:
-        """Image features per tile: the patches, and the class token under the "full" strategy."""
-        full = self.vision_feature_select_strategy == SelectStrategy.FULL
-        return self.num_patches + (1 if full else 0)
+        """Image features per tile: every position under "full"; "default" drops position 0 (as transformers)."""
+        default = self.vision_feature_select_strategy == SelectStrategy.DEFAULT
+        return self.num_positions - (1 if default else 0)
 
     @classmethod
     def read(cls, reader: gguf.GGUFReader, settings: VisionSettings | None = None) -> VisionTowerConfig:
@@ -142,6 +178,7 @@ class VisionTowerConfig:
                 f"{fields.filename}: feature layer {layer} is outside the {block_count} stored blocks"
             )
         use_gelu = fields.get(gguf.Keys.ClipVision.USE_GELU)
+        spec = TOWER_SPECS[settings.tower]
         return cls(
             hidden_size=int(fields.require(gguf.Keys.ClipVision.EMBEDDING_LENGTH)),
             num_attention_heads=int(fields.require(gguf.Keys.ClipVision.Attention.HEAD_COUNT)),
@@ -150,8 +187,9 @@ class VisionTowerConfig:
             vision_feature_layer=layer,
             vision_feature_select_strategy=settings.vision_feature_select_strategy,
             layer_norm_eps=float(fields.require(gguf.Keys.ClipVision.Attention.LAYERNORM_EPS)),
-            hidden_act="gelu" if use_gelu else "quick_gelu",
+            hidden_act=spec.mlp_activation or ("gelu" if use_gelu else "quick_gelu"),
             projector_hidden_act=settings.projector_hidden_act,
+            tower=settings.tower,
         )
 
 
@@ -250,8 +288,11 @@ class TowerLayout:
     )
 
     def _check_present(self) -> None:
-        required = [self.patch + ".weight", self.class_embedding, self.position + ".weight",
-                    self.pre_layernorm + ".weight", tensor_name(gguf.MODEL_TENSOR.V_MMPROJ, ".weight", 0)]
+        spec = self.config.spec
+        required = [self.patch + ".weight", self.position + ".weight", tensor_name(gguf.MODEL_TENSOR.V_MMPROJ, ".weight", 0)]
+        required += [self.class_embedding] if spec.class_token else []
+        required += [self.pre_layernorm + ".weight"] if spec.pre_layernorm else []
+        required += [self.patch + ".bias"] if spec.patch_bias else []
         for i in range(self.config.vision_feature_layer):
             for tensor in self._BLOCK_TENSORS:
                 required += [tensor_name(tensor, ".weight", i), tensor_name(tensor, ".bias", i)]
@@ -268,14 +309,14 @@ class TowerLayout:
         if patch != (h, 3, p, p):
             raise GGUFFormatError(f"{self.source}: patch embedding has shape {patch}, expected {(h, 3, p, p)}")
         pos = self.shape(self.position + ".weight")
-        if pos != (cfg.num_patches + 1, h):
+        if pos != (cfg.num_positions, h):
             raise GGUFFormatError(
-                f"{self.source}: position embedding has shape {pos}, expected {(cfg.num_patches + 1, h)}"
+                f"{self.source}: position embedding has shape {pos}, expected {(cfg.num_positions, h)}"
             )
         if h % cfg.num_attention_heads:
             raise GGUFFormatError(f"{self.source}: hidden size {h} is not a multiple of {cfg.num_attention_heads} heads")
         ffn = self.shape(self.blocks[0].fc1 + ".weight")[0] if self.blocks else 0
-        expected: dict[str, tuple[int, ...]] = {self.pre_layernorm + ".weight": (h,)}
+        expected: dict[str, tuple[int, ...]] = {self.pre_layernorm + ".weight": (h,), self.patch + ".bias": (h,)}
         for b in self.blocks:
             expected.update({b.ln1 + ".weight": (h,), b.ln2 + ".weight": (h,), b.fc1 + ".weight": (ffn, h),
                              b.fc2 + ".weight": (h, ffn), b.fc1 + ".bias": (ffn,), b.fc2 + ".bias": (h,)})
