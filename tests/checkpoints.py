@@ -1089,6 +1089,7 @@ def build_family_checkpoint(
     tie_word_embeddings: bool = False,
     vision: PretrainedConfig | None = None,
     vision_feature_select_strategy: str = "default",
+    vision_feature_layer: int = -2,
 ) -> TinyCheckpoint:
     """A tiny random llava-hf checkpoint whose LLM is ``family`` ("llama3": Llama 3 with a byte-level BPE
     tokenizer.json; "phi3": Phi-3 with SentencePiece plus its chat tokens; "qwen2": Qwen2 with q/k/v biases,
@@ -1098,7 +1099,9 @@ def build_family_checkpoint(
     ``partial_rotary_factor`` and ``longrope`` (Phi-3-128k's RoPE scaling) shape Phi-3's RoPE;
     ``tie_word_embeddings`` ties the LLM's output to its embedding (Qwen2-0.5B's), then no lm_head is written.
     ``vision`` is the tower's config (default: the tiny CLIP of `vision_config`); the image positions per image
-    follow from its image and patch sizes and ``vision_feature_select_strategy``."""
+    follow from its image and patch sizes and ``vision_feature_select_strategy``; a SigLIP ``vision`` gets
+    SigLIP's processor files (``SiglipImageProcessor``: a resize to its size, mean and std 0.5), as
+    llava-hf/llava-interleave-qwen-*-hf ship them (there: ``vision_feature_layer=-1``, ``"full"``)."""
     if family == "qwen2":
         bpe = bpe if bpe is not None and bpe.split == QWEN2_SPLIT else train_qwen2_bpe(root / "qwen2-bpe")
         ids = bpe.ids
@@ -1134,7 +1137,7 @@ def build_family_checkpoint(
     patches = (vision.image_size // vision.patch_size) ** 2
     common = dict(
         vision_config=vision, text_config=text, image_token_index=image_id,
-        vision_feature_layer=-2, vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
         projector_hidden_act="gelu", tie_word_embeddings=tie_word_embeddings,
         image_seq_length=patches,
     )
@@ -1171,11 +1174,28 @@ def build_family_checkpoint(
     else:
         write_phi3_tokenizer(path, phi3, sp_model_path)  # type: ignore[arg-type]
     _write_json(path / "chat_template.json", {"chat_template": processor_template})
+    image_processor = reference_image_processor(llava_version, pad_to_square=False)
+    if getattr(vision, "model_type", "") == "siglip_vision_model":
+        image_processor = _siglip_processor_files(path, vision, llava_version, vision_feature_select_strategy)
     return TinyCheckpoint(
         path=path, clip_path=None, layout="llava-hf", llava_version=llava_version, llm=family, model=model,
         tokenizer=AutoTokenizer.from_pretrained(str(path)), sp_model_path=tokenizer_path,
-        image_processor=reference_image_processor(llava_version, pad_to_square=False), image_token_id=image_id,
+        image_processor=image_processor, image_token_id=image_id,
     )
+
+
+def _siglip_processor_files(path: Path, vision: PretrainedConfig, llava_version: str, strategy: str) -> Any:
+    """SigLIP's preprocessor and processor configs in place of CLIP's; the reference image processor."""
+    from siglip_checkpoints import siglip_image_processor, siglip_preprocessor_config
+
+    if llava_version != "1.5":
+        raise ValueError("a SigLIP tower is built for LLaVA 1.5's layout (llava-interleave); OneVision has its own")
+    _write_json(path / "preprocessor_config.json", siglip_preprocessor_config(vision.image_size))
+    _write_json(path / "processor_config.json", {
+        "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 0, "patch_size": vision.patch_size,
+        "processor_class": "LlavaProcessor", "vision_feature_select_strategy": strategy,
+    })
+    return siglip_image_processor(vision.image_size)
 
 
 @torch.no_grad()

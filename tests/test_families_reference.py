@@ -32,6 +32,74 @@ GREEDY = GenerationOptions(max_tokens=N_NEW, sampling=SamplingOptions(temperatur
 
 
 @pytest.fixture(scope="module")
+def interleave(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """llava-interleave's shape: a SigLIP tower (the last hidden state, every position) before a Qwen2 LLM with
+    tied embeddings, converted to F32 (mmproj f32, f16 and q8_0)."""
+    from checkpoints import build_family_checkpoint
+    from siglip_checkpoints import siglip_vision_config
+
+    from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
+
+    root = tmp_path_factory.mktemp("interleave")
+    ckpt = build_family_checkpoint(root, family="qwen2", vision=siglip_vision_config(), tie_word_embeddings=True,
+                                   vision_feature_select_strategy="full", vision_feature_layer=-1)
+    pairs = {}
+    for mmproj_type in (MmprojType.F32, MmprojType.F16, MmprojType.Q8_0):
+        result = convert_checkpoint(ckpt.path, root / f"gguf-{mmproj_type.value}",
+                                    ConvertOptions(quant=Quant.F32, mmproj_type=mmproj_type))
+        pairs[mmproj_type.value] = result.llm, result.mmproj
+    return ckpt, pairs
+
+
+def test_llava_interleave_siglip_and_qwen2(interleave, tmp_path: Path) -> None:
+    """llava-interleave (SigLIP + Qwen2, one untiled 729-position view per image): counts, prompt ids and greedy
+    tokens of transformers' pipeline, one image, two images, a second turn."""
+    ckpt, pairs = interleave
+    first, second = random_image(90, 50, seed=1), random_image(1, 200, seed=2)
+    paths = [_save(first, tmp_path, "a.png"), _save(second, tmp_path, "b.png")]
+    image_token = int(ckpt.model.config.image_token_id)
+    model = LlavaModel(*pairs["f32"], EXACT)
+    try:
+        assert model.count_image_tokens(first) == (ckpt.model.config.vision_config.image_size // 14) ** 2
+        chat = model.chat()
+        answer = "".join(chat.send("What is in the picture?", paths[:1], GREEDY))
+        messages: list[dict[str, Any]] = [{"role": "user", "content": _content("What is in the picture?", 1)}]
+        ref_ids, ref_tokens = reference(ckpt, messages, [first])
+        assert expanded_ids(chat.last_items, image_token) == ref_ids and chat.last_tokens == ref_tokens
+        "".join(chat.send("And the other one?", paths[1:], GREEDY))
+        messages += [{"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]},
+                     {"role": "user", "content": _content("And the other one?", 1)}]
+        ref_ids, ref_tokens = reference(ckpt, messages, [first, second])
+        assert expanded_ids(chat.last_items, image_token) == ref_ids and chat.last_tokens == ref_tokens
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("mmproj_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("encoder", ["numpy", "ggml"])
+def test_llava_interleave_features(interleave, mmproj_type: str, encoder: str) -> None:
+    ckpt, pairs = interleave
+    from llava_gguf.model import EncoderChoice, RuntimeOptions
+
+    model = LlavaModel(*pairs[mmproj_type], RuntimeOptions(llama=EXACT.llama, encoder=EncoderChoice(encoder),
+                                                           prompt_cache=False))
+    try:
+        for size in [(90, 50), (1, 1), (2000, 1500)]:
+            image = random_image(*size, seed=size[0])
+            pixels = ckpt.image_processor(images=[image], return_tensors="pt")
+            with torch.no_grad():
+                (expected,) = ckpt.model.model.get_image_features(**pixels).pooler_output
+            expected = expected.reshape(-1, expected.shape[-1]).numpy()
+            ours = model.image_features(image)
+            # f16 / q8_0 files: the reference runs the unrounded f32 weights, so the file's rounding shows (measured
+            # 7.7e-4 and 1.8e-2 of the scale; tests/test_siglip.py checks exactness on weights those files hold)
+            bound = {"f32": 1e-4, "f16": 4e-3, "q8_0": 5e-2}[mmproj_type] * max(1.0, float(np.abs(expected).max()))
+            assert ours.shape == expected.shape and np.abs(ours - expected).max() <= bound, size
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
 def loaded(f32_pair) -> Any:
     cache: dict[tuple[str, str], tuple[Any, LlavaModel]] = {}
 
