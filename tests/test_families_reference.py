@@ -233,3 +233,51 @@ def test_qwen2_answer_stops_at_im_end(tmp_path: Path) -> None:
         assert chat.last_tokens == ref_tokens
     finally:
         model.close()
+
+
+def test_llava_interleave_in_batch_the_server_and_the_prompt_cache(interleave, tmp_path: Path) -> None:
+    """The small LLaVAs run through every interface: a batch row, an OpenAI request to the real server on
+    loopback and a later run restoring the image's prefix from the prompt cache all give the lone answer."""
+    import base64
+
+    from test_server import RunningServer
+
+    from llava_gguf.batch import collect_tasks, run_batch
+    from llava_gguf.model import RuntimeOptions
+    from llava_gguf.server.service import ChatService, ServiceOptions
+
+    ckpt, pairs = interleave
+    path = _save(random_image(70, 40, seed=5), tmp_path, "photo.png")
+    question = "What is in the picture?"
+    lone = LlavaModel(*pairs["f32"], EXACT)
+    try:
+        chat = lone.chat()
+        answer = "".join(chat.send(question, [path], GREEDY))
+        tokens = chat.last_tokens
+        (row,) = run_batch(lone, collect_tasks([path], [question]), GREEDY)
+        assert row["tokens"] == tokens and row["answer"] == answer
+    finally:
+        lone.close()
+
+    cached = RuntimeOptions(llama=EXACT.llama, encoder=EXACT.encoder, prompt_cache=True,
+                            prompt_cache_dir=tmp_path / "prompts")
+    for restored in (False, True):  # the first run saves the image's prefix, the second restores it
+        model = LlavaModel(*pairs["f32"], cached)
+        try:
+            again = model.chat()
+            assert "".join(again.send(question, [path], GREEDY)) == answer and again.last_tokens == tokens
+            assert (model.timings.n_restored > 0) is restored
+        finally:
+            model.close()
+
+    running = RunningServer(ChatService(LlavaModel(*pairs["f32"], EXACT), ServiceOptions(name="interleave")))
+    try:
+        url = "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+        reply = running.client().chat.completions.create(model="interleave", temperature=0, max_tokens=GREEDY.max_tokens,
+                                                         messages=[{"role": "user", "content": [
+                                                             {"type": "image_url", "image_url": {"url": url}},
+                                                             {"type": "text", "text": question}]}])
+        assert reply.choices[0].message.content == answer
+    finally:
+        running.stop()
+        running.service.model.close()
