@@ -15,19 +15,33 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from llava_gguf.convert.families import FAMILIES, TEXT_DEFAULTS, LlmFamily
 from llava_gguf.convert.names import Layout
-from llava_gguf.errors import CheckpointError
+from llava_gguf.errors import CheckpointError, ImageError
 from llava_gguf.llm.templates import Template
 from llava_gguf.metadata import ImageMode, SelectStrategy, TokenizeMode, TowerKind, VisionSettings
+from llava_gguf.packing_onevision import ONEVISION_PINPOINTS, parse_max_num_patches
 
 log = logging.getLogger(__name__)
 
-LLAVA_HF_ARCHITECTURES = {"LlavaForConditionalGeneration": "1.5", "LlavaNextForConditionalGeneration": "1.6"}
+# LLaVA-OneVision is kept as 1.6 inside: its files carry 1.6's image_newline and pinpoints (ImageMode.ANYRES_MAX)
+LLAVA_HF_ARCHITECTURES = {"LlavaForConditionalGeneration": "1.5", "LlavaNextForConditionalGeneration": "1.6",
+                          "LlavaOnevisionForConditionalGeneration": "1.6"}
+LLAVA_HF_MODEL_TYPES = {"llava": "1.5", "llava_next": "1.6", "llava_onevision": "1.6"}
+ONEVISION_ARCHITECTURE, ONEVISION_MODEL_TYPE = "LlavaOnevisionForConditionalGeneration", "llava_onevision"
+# LlavaOnevisionConfig's defaults (llava-onevision-qwen2-*-ov-hf)
+ONEVISION_DEFAULTS: dict[str, Any] = dict(vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                          vision_aspect_ratio="anyres_max_9")
+ONEVISION_IMAGE_TOKEN_DEFAULT = 151646  # LlavaOnevisionConfig image_token_index
+# LlavaOnevisionConfig builds this SigLIP-so400m/14 at 384 px when vision_config is absent
+ONEVISION_VISION_DEFAULTS: dict[str, Any] = dict(
+    model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+    num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+)
 ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
 SUPPORTED_TEXT_MODELS = tuple(FAMILIES)
 # model types whose GGUF tokenizer is not one LLaVA's conv_templates were written for: the checkpoint's
@@ -194,7 +208,7 @@ def read_checkpoint(path: Path, resolve_repo: Callable[[str], Path] | None = Non
     arch = architectures[0] if architectures else config.get("model_type", "?")
     if "mm_vision_tower" in config:
         return _read_original(path, config, arch, resolve_repo)
-    if arch in LLAVA_HF_ARCHITECTURES or config.get("model_type") in ("llava", "llava_next"):
+    if arch in LLAVA_HF_ARCHITECTURES or config.get("model_type") in LLAVA_HF_MODEL_TYPES:
         return _read_llava_hf(path, config, arch)
     if "llava" in str(arch).lower() or "llava" in str(config.get("model_type", "")).lower():
         raise CheckpointError(
@@ -412,9 +426,13 @@ def _processor_settings(
 
 
 def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckpoint:
-    version = LLAVA_HF_ARCHITECTURES.get(arch) or ("1.6" if config.get("model_type") == "llava_next" else "1.5")
+    version = LLAVA_HF_ARCHITECTURES.get(arch) or LLAVA_HF_MODEL_TYPES.get(config.get("model_type", ""), "1.5")
+    onevision = arch == ONEVISION_ARCHITECTURE or config.get("model_type") == ONEVISION_MODEL_TYPE
+    if onevision:
+        config = {**ONEVISION_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     text = _text_config(config.get("text_config") or {}, path, outer=config)
-    vision = _vision_config(config.get("vision_config"), path)
+    vision_config = config.get("vision_config") or (ONEVISION_VISION_DEFAULTS if onevision else None)
+    vision = _vision_config(vision_config, path)
     feature_layer = config.get("vision_feature_layer", -2)
     if not isinstance(feature_layer, int):
         raise CheckpointError(f"{path}: several vision_feature_layer values {feature_layer} are not supported")
@@ -423,7 +441,10 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
     if not processor:
         log.warning("%s has no preprocessor_config.json; using CLIP defaults", path)
     pinpoints = _pinpoints(config.get("image_grid_pinpoints") or processor.get("image_grid_pinpoints"), path)
-    if version == "1.6":
+    if onevision:
+        mode, merge = ImageMode.ANYRES_MAX, "spatial_unpad"
+        pinpoints = pinpoints or ONEVISION_PINPOINTS
+    elif version == "1.6":
         mode, merge = ImageMode.ANYRES, "spatial_unpad"
         pinpoints = pinpoints or LLAVA_NEXT_PINPOINTS
     else:
@@ -436,7 +457,10 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
         strategy=SelectStrategy(config.get("vision_feature_select_strategy", "default")),
         pinpoints=pinpoints, merge_type=merge, projector_act=config.get("projector_hidden_act", "gelu"),
     )
-    image_token_id = config.get("image_token_index", config.get("image_token_id", LLAVA_HF_IMAGE_TOKEN_DEFAULT))
+    if onevision:
+        settings = _onevision_settings(settings, str(config["vision_aspect_ratio"]), path)
+    default_token = ONEVISION_IMAGE_TOKEN_DEFAULT if onevision else LLAVA_HF_IMAGE_TOKEN_DEFAULT
+    image_token_id = config.get("image_token_index", config.get("image_token_id", default_token))
     kind = tokenizer_kind(path)
     chat_template = read_chat_template(path)
     return LlavaCheckpoint(
@@ -447,6 +471,22 @@ def _read_llava_hf(path: Path, config: dict[str, Any], arch: str) -> LlavaCheckp
         clip_path=None, clip_weights_from_repo=False, name=path.name,
         tokenizer_kind=kind, chat_template=chat_template,
     )
+
+
+def _onevision_settings(settings: VisionSettings, vision_aspect_ratio: str, where: Path) -> VisionSettings:
+    """LLaVA-OneVision's settings: "anyres_max_N" checked, every tile's patch grid kept whole ("full" on SigLIP)."""
+    try:
+        parse_max_num_patches(vision_aspect_ratio)
+    except ImageError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    if settings.extra_tokens != 0:
+        raise CheckpointError(
+            f"{where}: LLaVA-OneVision packing needs each tile's {settings.patches_per_side**2} patch features; "
+            f"a {settings.tower.value} tower with vision_feature_select_strategy "
+            f"{settings.vision_feature_select_strategy.value!r} gives {settings.extra_tokens:+d} "
+            "(use 'full' on SigLIP)"
+        )
+    return replace(settings, vision_aspect_ratio=vision_aspect_ratio)
 
 
 def _read_original(

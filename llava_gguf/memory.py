@@ -58,7 +58,8 @@ def context_needed(mmproj: Path, image_sizes_hw: Sequence[tuple[int, int]], max_
     settings = VisionSettings.read(read_gguf(mmproj))
     if llava_version is not None:
         settings = settings.with_llava_version(llava_version)
-    return sum(count_image_tokens(size, settings) for size in image_sizes_hw) + text_tokens + max_tokens
+    tiled = len(image_sizes_hw) <= 1  # LLaVA-OneVision tiles an image only when it is alone in the prompt
+    return sum(count_image_tokens(size, settings, tiled=tiled) for size in image_sizes_hw) + text_tokens + max_tokens
 
 
 def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_cache_type: KVCacheType,

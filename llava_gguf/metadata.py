@@ -66,6 +66,8 @@ class LlavaKeys:
     SELECT_STRATEGY = "llava_gguf.vision.select_strategy"
     VISION_TOWER = "llava_gguf.vision.tower"  # a TowerKind; files without it hold a CLIP tower
     PROJECTOR_ACT = "llava_gguf.projector.activation"
+    # LLaVA-OneVision's "anyres_max_N" (ImageMode.ANYRES_MAX); files without it hold another mode
+    VISION_ASPECT_RATIO = "llava_gguf.image.vision_aspect_ratio"
     # language model
     TEMPLATE = "llava_gguf.template"
     IMAGE_TOKEN_ID = "llava_gguf.image_token_id"
@@ -85,6 +87,9 @@ class ImageMode(str, enum.Enum):
     CROP = "crop"  # llava-hf 1.5 default: resize the shortest edge, then center crop
     ANYRES = "anyres"  # LLaVA 1.6: best grid resolution, tiles plus the base image
     RESIZE = "resize"  # SiglipImageProcessor: resize to the crop size (aspect not kept), no crop
+    # LLaVA-OneVision: anyres tiles only for an image alone in its prompt, the grid downscaled to N tiles'
+    # worth ("anyres_max_N", `vision_aspect_ratio`); several images are one square tile each
+    ANYRES_MAX = "anyres_max"
 
 
 class TowerKind(str, enum.Enum):
@@ -133,6 +138,7 @@ class VisionSettings:
     mm_patch_merge_type: str = "flat"  # "spatial_unpad" for LLaVA 1.6
     projector_hidden_act: str = "gelu"
     tower: TowerKind = TowerKind.CLIP
+    vision_aspect_ratio: str = ""  # LLaVA-OneVision's "anyres_max_N" (ImageMode.ANYRES_MAX), else ""
     # what the file did not say and was inferred, in words (files made by other tools); the version's evidence first
     inferred: tuple[str, ...] = field(default=(), compare=False)
 
@@ -173,11 +179,20 @@ class VisionSettings:
         writer.add_string(LlavaKeys.SELECT_STRATEGY, self.vision_feature_select_strategy.value)
         writer.add_string(LlavaKeys.PROJECTOR_ACT, self.projector_hidden_act)
         writer.add_string(LlavaKeys.VISION_TOWER, self.tower.value)
+        if self.vision_aspect_ratio:
+            writer.add_string(LlavaKeys.VISION_ASPECT_RATIO, self.vision_aspect_ratio)
+
+    @property
+    def is_onevision(self) -> bool:
+        """LLaVA-OneVision (kept as LLaVA 1.6 internally: its files carry 1.6's newline and pinpoints)."""
+        return self.image_mode is ImageMode.ANYRES_MAX
 
     @property
     def description(self) -> str:
         """In words, e.g. "LLaVA 1.6 (anyres, original LLaVA rules)"."""
         rules = "original LLaVA rules" if self.follows_original_code else "transformers rules"
+        if self.is_onevision:
+            return f"LLaVA-OneVision ({self.vision_aspect_ratio}, {rules})"
         return f"LLaVA {self.llava_version} ({self.image_mode.value}, {rules})"
 
     def with_llava_version(self, version: str) -> VisionSettings:
@@ -186,6 +201,9 @@ class VisionSettings:
         LLaVA 1.6's own scaled to the tile)."""
         if version not in LLAVA_VERSIONS:
             raise ModelLoadError(f"unknown LLaVA version {version!r}; choose one of {', '.join(LLAVA_VERSIONS)}")
+        if self.is_onevision:
+            raise ModelLoadError(f"a LLaVA-OneVision mmproj ({self.vision_aspect_ratio}) runs only as LLaVA-OneVision; "
+                                 f"drop --llava-version {version}")
         if version == self.llava_version:
             return self
         note = "version as asked (--llava-version)"
@@ -206,10 +224,12 @@ class VisionSettings:
         if fields.get(LlavaKeys.FORMAT_VERSION) is None:
             return _infer_settings(fields)
         crop = fields.require(LlavaKeys.IMAGE_CROP_SIZE)
+        mode = ImageMode(fields.require(LlavaKeys.IMAGE_MODE))
+        aspect = fields.require(LlavaKeys.VISION_ASPECT_RATIO) if mode is ImageMode.ANYRES_MAX else ""
         return cls(
             llava_version=fields.require(LlavaKeys.LLAVA_VERSION),
             layout=fields.require(LlavaKeys.LAYOUT),
-            image_mode=ImageMode(fields.require(LlavaKeys.IMAGE_MODE)),
+            image_mode=mode,
             image_size=int(fields.require(gguf.Keys.ClipVision.IMAGE_SIZE)),
             patch_size=int(fields.require(gguf.Keys.ClipVision.PATCH_SIZE)),
             shortest_edge=int(fields.require(LlavaKeys.IMAGE_SHORTEST_EDGE)),
@@ -224,6 +244,7 @@ class VisionSettings:
             mm_patch_merge_type=fields.get(ClipKeys.MM_PATCH_MERGE_TYPE) or "flat",
             projector_hidden_act=fields.require(LlavaKeys.PROJECTOR_ACT),
             tower=TowerKind(fields.get(LlavaKeys.VISION_TOWER) or TowerKind.CLIP.value),
+            vision_aspect_ratio=aspect,
         )
 
 

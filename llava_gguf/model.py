@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -91,14 +91,29 @@ class Timings:
     n_images_encoded: int = 0
 
 
+# LLaVA-OneVision: the feature-cache key of an image's untiled view (one of several images in a prompt)
+UNTILED_KEY = "-single"
+
+
 @dataclass
 class PreparedImage:
-    """An image identified and counted; its features are computed when first needed."""
+    """An image identified and counted; its features are computed when first needed.
+
+    LLaVA-OneVision tiles an image only when it is the only one of its prompt: ``tiled`` says which view
+    this is, ``untiled_tokens`` counts the other (one square tile), None for other models."""
 
     slot: ImageSlot
     size_hw: tuple[int, int]
     image: Image.Image | None = None
     on_tile: TileCallback | None = None
+    tiled: bool = True
+    untiled_tokens: int | None = None
+
+    def untiled(self) -> PreparedImage:
+        """This image as one of several in a OneVision prompt (itself when already so, or not OneVision)."""
+        if not self.tiled or self.untiled_tokens is None:
+            return self
+        return replace(self, slot=ImageSlot(self.slot.key + UNTILED_KEY, self.untiled_tokens), tiled=False)
 
 
 class LlavaModel:
@@ -161,10 +176,12 @@ class LlavaModel:
         ids = read_header_keys(self.llm_path, {LlavaKeys.EOS_TOKEN_IDS}).get(LlavaKeys.EOS_TOKEN_IDS) or []
         self.end_token_ids = frozenset(int(i) for i in ids)
         self.encoder = self._make_encoder()
-        if self.settings.image_mode is ImageMode.ANYRES and self.encoder.image_newline is None:
+        packs_newlines = self.settings.image_mode in (ImageMode.ANYRES, ImageMode.ANYRES_MAX)
+        if packs_newlines and self.encoder.image_newline is None:
+            hint = "" if self.settings.is_onevision else "; if it is a LLaVA 1.5 file, pass --llava-version 1.5"
             raise GGUFFormatError(
-                f"{self.mmproj_path}: a LLaVA 1.6 mmproj without its image_newline tensor (v.image_newline or "
-                "model.image_newline); if it is a LLaVA 1.5 file, pass --llava-version 1.5"
+                f"{self.mmproj_path}: a {self.settings.description} mmproj without its image_newline tensor "
+                f"(v.image_newline or model.image_newline){hint}"
             )
         if self.encoder.llm_hidden_size != self.runtime.n_embd:
             raise ModelLoadError(
@@ -230,7 +247,15 @@ class LlavaModel:
         key = hashlib.sha256(f"{self._model_key}:{image_digest(image, self.settings)}".encode()).hexdigest()[:32]
         size_hw = (image.height, image.width)
         n_tokens = count_image_tokens(size_hw, self.settings)
-        return PreparedImage(ImageSlot(key, n_tokens), size_hw, image, on_tile)
+        untiled = count_image_tokens(size_hw, self.settings, tiled=False) if self.settings.is_onevision else None
+        return PreparedImage(ImageSlot(key, n_tokens), size_hw, image, on_tile, untiled_tokens=untiled)
+
+    def image_views(self, images: Sequence[PreparedImage]) -> list[PreparedImage]:
+        """The views the reference feeds for a prompt's images, in order: LLaVA-OneVision tiles an image only
+        when it is the prompt's only one (`packing_onevision.tiling_flags`); other models use them as prepared."""
+        if self.settings.is_onevision and len(images) > 1:
+            return [p.untiled() for p in images]
+        return list(images)
 
     def encode_image(self, prepared: PreparedImage) -> np.ndarray:
         """The packed features of a prepared image: from this session, the cache, or the encoder."""
@@ -241,28 +266,30 @@ class LlavaModel:
         if features is None:
             if prepared.image is None:
                 raise ImageError("the image was released before it was encoded")
-            features = self._encode(prepared.image, prepared.on_tile)
+            features = self._encode(prepared.image, prepared.on_tile, tiled=prepared.tiled)
             if self.options.low_memory and hasattr(self.encoder, "release_memory"):
                 self.encoder.release_memory()
             self.cache.put(key, features)
             self.timings.n_images_encoded += 1
         self._features[key] = features
-        prepared.image = None
+        if prepared.untiled_tokens is None:  # a OneVision image keeps its pixels: a later image re-views it
+            prepared.image = None
         return features
 
-    def _encode(self, image: Image.Image, on_tile: TileCallback | None) -> np.ndarray:
+    def _encode(self, image: Image.Image, on_tile: TileCallback | None, *, tiled: bool = True) -> np.ndarray:
+        """An image's packed features [n_tokens, d]; ``tiled``: OneVision's view (see `image_views`)."""
         start = time.perf_counter()
-        tiles, size_hw = preprocess(image, self.settings)
+        tiles, size_hw = preprocess(image, self.settings, tiled=tiled)
         if on_tile is not None:
             on_tile(0, len(tiles))  # a new image: its progress starts (an encoder may report tiles in groups)
         features = self.encoder.encode(tiles, on_tile)  # [n_tiles, n_patches, d]
-        if self.settings.image_mode is ImageMode.ANYRES:
+        if self.settings.image_mode in (ImageMode.ANYRES, ImageMode.ANYRES_MAX):
             newline = self.encoder.image_newline
             assert newline is not None  # checked at load
-            packed = pack_image_features(features, size_hw, self.settings, newline)
+            packed = pack_image_features(features, size_hw, self.settings, newline, tiled=tiled)
         else:
             packed = features[0]
-        expected = count_image_tokens(size_hw, self.settings)
+        expected = count_image_tokens(size_hw, self.settings, tiled=tiled)
         if len(packed) != expected:
             raise GGUFFormatError(f"packed {len(packed)} image features but the reference uses {expected}")
         # [n_tokens, d]
@@ -288,7 +315,9 @@ class LlavaModel:
 
     def sequence(self, prompt: str, images: Sequence[PreparedImage], *, rendered: bool = True) -> list[Item]:
         """The prompt's token ids and image slots. ``rendered``: the text came from a template, so a BOS it
-        opens with is not doubled (transformers' processor); a raw prompt gets the vocabulary's BOS as given."""
+        opens with is not doubled (transformers' processor); a raw prompt gets the vocabulary's BOS as given.
+        Every caller comes here: the images become the views the reference uses for them (`image_views`)."""
+        images = self.image_views(images)
         self._pending.update({p.slot.key: p for p in images})
         return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id,
                                self.special_tokens.get("bos_token") if rendered else None)
@@ -471,7 +500,8 @@ class Chat:
             prompt = model.render([*self.messages, message], self.system)
             all_images = [*self.images, *prepared]
         items = model.sequence(prompt, all_images, rendered=not raw)
-        model.timings.n_image_tokens = [p.slot.n_tokens for p in prepared]
+        views = model.image_views(all_images)  # the views `sequence` used: OneVision's untiled among several
+        model.timings.n_image_tokens = [v.slot.n_tokens for v in views[len(views) - len(prepared):]]
         self.last_prompt, self.last_items, self.last_tokens = prompt, items, []
         answer: list[str] = []
         try:

@@ -49,8 +49,14 @@ def anyres_grid_shape(
     return height // tile_size, width // tile_size
 
 
-def count_tiles(image_size_hw: tuple[int, int], settings: VisionSettings) -> int:
-    """How many CLIP inputs preprocessing makes for one image (the base image included for anyres)."""
+def count_tiles(image_size_hw: tuple[int, int], settings: VisionSettings, *, tiled: bool = True) -> int:
+    """How many CLIP inputs preprocessing makes for one image (the base image included for anyres).
+    ``tiled``: LLaVA-OneVision's image alone in its prompt (see `packing_onevision`); other modes ignore it."""
+    if settings.image_mode is ImageMode.ANYRES_MAX:
+        from llava_gguf import packing_onevision  # it builds on this module
+
+        return packing_onevision.count_tiles(
+            image_size_hw, packing_onevision.OnevisionSettings.from_vision_settings(settings), tiled=tiled)
     if settings.image_mode != ImageMode.ANYRES:
         return 1
     height, width = select_best_resolution(image_size_hw, settings.pinpoints_hw)
@@ -100,8 +106,14 @@ def unpadded_grid_shape(image_size_hw: tuple[int, int], settings: VisionSettings
     return bottom - top, right - left
 
 
-def count_image_tokens(image_size_hw: tuple[int, int], settings: VisionSettings) -> int:
-    """How many embeddings the LLM sees for one image of this (height, width)."""
+def count_image_tokens(image_size_hw: tuple[int, int], settings: VisionSettings, *, tiled: bool = True) -> int:
+    """How many embeddings the LLM sees for one image of this (height, width). ``tiled``: LLaVA-OneVision's
+    image alone in its prompt (False: one of several, one square tile); other modes ignore it."""
+    if settings.image_mode is ImageMode.ANYRES_MAX:
+        from llava_gguf import packing_onevision  # it builds on this module
+
+        return packing_onevision.count_image_tokens(
+            image_size_hw, packing_onevision.OnevisionSettings.from_vision_settings(settings), tiled=tiled)
     extra = settings.extra_tokens  # the class token kept (CLIP, "full"), or SigLIP's first patch dropped ("default")
     if settings.image_mode != ImageMode.ANYRES:
         crop_height, crop_width = settings.crop_size
@@ -112,10 +124,17 @@ def count_image_tokens(image_size_hw: tuple[int, int], settings: VisionSettings)
 
 
 def pack_image_features(
-    features: np.ndarray, image_size_hw: tuple[int, int], settings: VisionSettings, image_newline: np.ndarray
+    features: np.ndarray, image_size_hw: tuple[int, int], settings: VisionSettings, image_newline: np.ndarray,
+    *, tiled: bool = True,
 ) -> np.ndarray:
-    """features [n_tiles, n_patches, d] (projected) -> [n_tokens, d], as the reference feeds the LLM."""
+    """features [n_tiles, n_patches, d] (projected) -> [n_tokens, d], as the reference feeds the LLM.
+    ``tiled``: as in `count_image_tokens`."""
     n_tiles, n_patches, dim = features.shape
+    if settings.image_mode is ImageMode.ANYRES_MAX:
+        from llava_gguf import packing_onevision  # it builds on this module
+
+        onevision = packing_onevision.OnevisionSettings.from_vision_settings(settings)
+        return packing_onevision.pack_image_features(features, image_size_hw, onevision, image_newline, tiled=tiled)
     if settings.image_mode != ImageMode.ANYRES:
         return features.reshape(n_tiles * n_patches, dim)  # [1, n_patches, d] -> [n_patches, d]
     newline = image_newline.astype(features.dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llava_gguf.errors import ImageError
+from llava_gguf.metadata import ImageMode, VisionSettings
 from llava_gguf.packing import anyres_grid_shape, unpad_bounds
 
 TILE = 384
@@ -44,6 +45,27 @@ class OnevisionSettings:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: int = 3  # PIL.Image.BICUBIC
     rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_vision_settings(cls, settings: VisionSettings) -> OnevisionSettings:
+        """A OneVision mmproj's settings (``ImageMode.ANYRES_MAX``); pinpoints as transformers reads them."""
+        if settings.image_mode is not ImageMode.ANYRES_MAX:
+            raise ImageError(f"{settings.description} is not LLaVA-OneVision (image mode {settings.image_mode.value})")
+        if settings.extra_tokens != 0:
+            raise ImageError(
+                f"OneVision packing needs {settings.patches_per_side**2} features per tile "
+                f"(vision_feature_select_strategy 'full' on SigLIP), not {settings.extra_tokens:+d} beyond the patches"
+            )
+        return cls(
+            image_size=settings.image_size,
+            patch_size=settings.patch_size,
+            image_grid_pinpoints=settings.pinpoints_hw,
+            vision_aspect_ratio=settings.vision_aspect_ratio,
+            image_mean=settings.image_mean,
+            image_std=settings.image_std,
+            resample=settings.resample,
+            rescale_factor=settings.rescale_factor,
+        )
 
     @property
     def patches_per_side(self) -> int:

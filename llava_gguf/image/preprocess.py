@@ -19,8 +19,17 @@ from llava_gguf.metadata import ImageMode, VisionSettings
 from llava_gguf.packing import select_best_resolution
 
 
-def preprocess(image: Image.Image, settings: VisionSettings) -> tuple[np.ndarray, tuple[int, int]]:
-    """An image -> (float32 tiles [n_tiles, 3, crop_h, crop_w], original (height, width))."""
+def preprocess(
+    image: Image.Image, settings: VisionSettings, *, tiled: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image -> (float32 tiles [n_tiles, 3, crop_h, crop_w], original (height, width)).
+
+    ``tiled``: LLaVA-OneVision's image alone in its prompt (False: one square tile); other modes ignore it."""
+    if settings.image_mode is ImageMode.ANYRES_MAX:
+        from llava_gguf.image.onevision import preprocess_onevision  # it builds on this module
+        from llava_gguf.packing_onevision import OnevisionSettings
+
+        return preprocess_onevision(image, OnevisionSettings.from_vision_settings(settings), tiled=tiled)
     rgb = image if is_plain_rgb(image) else convert_to_rgb(image)
     pixels = np.asarray(rgb)  # [H, W, 3] uint8
     original_hw = (rgb.height, rgb.width)

@@ -231,6 +231,8 @@ class GgmlVisionEncoder(TowerShapes):
         lib, cfg = self.lib, self.config
         b = tiles.shape[0]
         p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
+        # the stride-p conv drops the last S - g*p rows and columns (SigLIP 384/14: 6)
+        tiles = tiles[:, :, : g * p, : g * p]  # [B, 3, g*p, g*p]
         # [B, 3, g*p, g*p] -> [B, 3, g, p, g, p] -> [B, g, g, 3, p, p] -> [B, g*g, 3*p*p]; rows in raster order
         patches = tiles.reshape(b, 3, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * p * p)
         first = cfg.num_positions - g * g  # 1: row 0 is the class token's (zeros), 0: no class token

@@ -165,6 +165,8 @@ class NumpyVisionEncoder(TowerShapes):
         pre-layernormed where the tower has one."""
         cfg, spec = self.config, self.config.spec
         p, g = cfg.patch_size, cfg.image_size // cfg.patch_size
+        # the stride-p conv drops the last S - g*p rows and columns (SigLIP 384/14: 6)
+        tile = tile[:, : g * p, : g * p]  # [3, g*p, g*p]
         # [3, g*p, g*p] -> [3, g, p, g, p] -> [g, g, 3, p, p] -> [g*g, 3*p*p]; rows in raster order
         patches = tile.reshape(3, g, p, g, p).transpose(1, 3, 0, 2, 4).reshape(g * g, 3 * p * p)
         # conv weight [H, 3, p, p] -> [H, 3*p*p]
