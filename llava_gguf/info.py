@@ -64,6 +64,7 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         else:
             layout = settings.layout
             info["llava"] = {"version": settings.llava_version, "image_mode": settings.image_mode.value,
+                             "description": settings.description,
                              "inferred": list(settings.inferred)}
     if layout is not None:
         info["reference"] = REFERENCES.get(layout, layout)

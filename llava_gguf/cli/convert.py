@@ -86,7 +86,7 @@ def inspect(state: CLIState, file: Path, as_json: bool) -> None:
     if llava.get("error"):
         table.add_row("llava", f"[red]{llava['error']}[/]")
     elif llava:
-        table.add_row("llava", f"LLaVA {llava['version']}, {llava['image_mode']}")
+        table.add_row("llava", llava["description"])
         for note in llava["inferred"]:
             table.add_row("inferred", note)
     if info.get("reference"):
