@@ -115,7 +115,8 @@ def run_ask(spec: dict[str, Any]) -> dict[str, Any]:
     model.encoder.encode = counting  # type: ignore[method-assign]
     w, h = spec["size"]
     out = _ours_answer(model, spec["question"], [png_bytes((w, h), 5)], spec["tokens"])
-    return {**out, "n_tiles": sum(tiles), "repack": getattr(model.runtime, "repack_reason", None)}
+    return {**out, "n_tiles": sum(tiles), "repack": getattr(model.runtime, "repack_reason", None),
+            "encoder": model.encoder_name, "encoder_reason": model.encoder_reason}
 
 
 def run_child(spec: dict[str, Any], workdir: Path) -> bench.Child:
@@ -158,7 +159,7 @@ def ask(converted: dict[str, Any], workdir: Path, args: argparse.Namespace, low_
         print(f"[families] ask {r + 1}/{args.runs}{' (low memory)' if low_memory else ''}: {res['n_generated']} "
               f"tokens, {res['n_tiles']} tiles, TTFT {runs[-1]['ttft_s']:.1f}s (vision {res['vision_s']:.1f}s, prefill "
               f"{res['prefill_s']:.1f}s), decode {runs[-1]['decode_tok_s'] or 0:.2f} tok/s, peak RSS "
-              f"{child.max_rss_bytes / MB:.0f} MiB, "
+              f"{child.max_rss_bytes / MB:.0f} MiB, {res.get('encoder')} encoder, "
               f"{child.load.describe()}{mark}", file=sys.stderr, flush=True)
     return runs
 

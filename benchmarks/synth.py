@@ -249,8 +249,17 @@ QWEN2_PROCESSOR_TEMPLATE = (
 def train_qwen2_bpe(root: Path) -> Path:
     """A Qwen2-style byte-level BPE tokenizer.json (NFC, Qwen2's split then ByteLevel, merges always applied,
     no BOS) with ``BPE_VOCAB_SIZE`` trained pieces and ``QWEN2_SPECIAL`` after them."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     path = root / "tokenizer.json"
     if path.exists():
@@ -640,9 +649,11 @@ def _shape_record(shape: Shape) -> dict[str, Any]:
     record = asdict(shape)
     if shape.text.family == "llama":
         defaults = TextShape(1, 1, 1, 1, 1)
-        for key in ("family", "rope_theta", "sliding_window", "tie_word_embeddings"):
+        for key in ("family", "rope_theta", "sliding_window"):
             if record["text"][key] == getattr(defaults, key):
                 del record["text"][key]
+    if not shape.text.tie_word_embeddings:  # the field came later: earlier records lack it
+        del record["text"]["tie_word_embeddings"]
     if shape.vision.tower == "clip":
         del record["vision"]["tower"]
     if shape.layout == "llava":
