@@ -189,18 +189,17 @@ LLAMA3_PROCESSOR_TEMPLATE = (
 )
 
 
-def train_byte_level_bpe(root: Path) -> Path:
-    """A Llama-3-style byte-level BPE tokenizer.json (Llama 3's split, then ByteLevel; BOS added by the
-    post-processor) with ``BPE_VOCAB_SIZE`` trained pieces and ``LLAMA3_SPECIAL`` after them."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def _byte_level_bpe(split: str, specials: tuple[str, ...], ids: dict[str, int], *, nfc: bool = False,
+                    ignore_merges: bool = True) -> Any:
+    """A tokenizers.Tokenizer: (NFC, then) ``split``, then ByteLevel, ``BPE_VOCAB_SIZE`` pieces trained on
+    `_training_lines`, then ``specials`` at ``ids``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    path = root / "tokenizer.json"
-    if path.exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
@@ -209,8 +208,21 @@ def train_byte_level_bpe(root: Path) -> Path:
     tok.train_from_iterator(_training_lines(), trainer)
     if tok.get_vocab_size() != BPE_VOCAB_SIZE:
         raise RuntimeError(f"trained {tok.get_vocab_size()} byte-level pieces, not {BPE_VOCAB_SIZE}")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL])
-    assert all(tok.token_to_id(t) == i for t, i in LLAMA3_IDS.items())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    assert all(tok.token_to_id(t) == i for t, i in ids.items())
+    return tok
+
+
+def train_byte_level_bpe(root: Path) -> Path:
+    """A Llama-3-style byte-level BPE tokenizer.json (Llama 3's split, then ByteLevel; BOS added by the
+    post-processor) with ``BPE_VOCAB_SIZE`` trained pieces and ``LLAMA3_SPECIAL`` after them."""
+    from tokenizers import processors
+
+    path = root / "tokenizer.json"
+    if path.exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tok = _byte_level_bpe(LLAMA3_SPLIT, LLAMA3_SPECIAL, LLAMA3_IDS)
     bos = LLAMA3_SPECIAL[0]
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -249,36 +261,13 @@ QWEN2_PROCESSOR_TEMPLATE = (
 def train_qwen2_bpe(root: Path) -> Path:
     """A Qwen2-style byte-level BPE tokenizer.json (NFC, Qwen2's split then ByteLevel, merges always applied,
     no BOS) with ``BPE_VOCAB_SIZE`` trained pieces and ``QWEN2_SPECIAL`` after them."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import processors
 
     path = root / "tokenizer.json"
     if path.exists():
         return path
     root.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(ignore_merges=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(_training_lines(), trainer)
-    if tok.get_vocab_size() != BPE_VOCAB_SIZE:
-        raise RuntimeError(f"trained {tok.get_vocab_size()} byte-level pieces, not {BPE_VOCAB_SIZE}")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL])
-    assert all(tok.token_to_id(t) == i for t, i in QWEN2_IDS.items())
+    tok = _byte_level_bpe(QWEN2_SPLIT, QWEN2_SPECIAL, QWEN2_IDS, nfc=True, ignore_merges=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.save(str(path))
     return path
