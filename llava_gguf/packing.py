@@ -148,11 +148,24 @@ def pack_image_features(
             f"got {n_tiles} tiles of {n_patches} patches; anyres packing needs vision_feature_select_strategy "
             "'default' and features from `preprocess` for this image"
         )
-    grid = features[1:].reshape(rows, cols, side, side, dim)  # [rows, cols, h, w, d]
+    grid = unpadded_grid(features[1:], rows, cols, side, (top, bottom, left, right))  # [d, H, W]
+    return np.concatenate([features[0], rows_with_newlines(grid, newline)], axis=0)  # [n_patches + H * (W + 1), d]
+
+
+def unpadded_grid(tiles: np.ndarray, rows: int, cols: int, side: int,
+                  bounds: tuple[int, int, int, int]) -> np.ndarray:
+    """Tile features [rows * cols, side * side, d] laid out as the image they cover, the padding cut away:
+    [d, H, W]. ``bounds``: (top, bottom, left, right) of the image in the grid of patches."""
+    dim = tiles.shape[-1]
+    top, bottom, left, right = bounds
+    grid = tiles.reshape(rows, cols, side, side, dim)  # [rows, cols, h, w, d]
     grid = grid.transpose(4, 0, 2, 1, 3)  # [d, rows, h, cols, w]
     grid = grid.reshape(dim, rows * side, cols * side)  # [d, rows*h, cols*w]
-    grid = grid[:, top:bottom, left:right]  # [d, H, W]
-    newlines = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1))  # [d, H, 1]
-    grid = np.concatenate([grid, newlines], axis=-1)  # [d, H, W + 1]
-    tokens = grid.reshape(dim, -1).T  # [H * (W + 1), d]
-    return np.concatenate([features[0], tokens], axis=0)  # [n_patches + H * (W + 1), d]
+    return grid[:, top:bottom, left:right]  # [d, H, W]
+
+
+def rows_with_newlines(grid: np.ndarray, newline: np.ndarray) -> np.ndarray:
+    """[d, H, W] -> [H * (W + 1), d]: the grid row by row, each row followed by ``image_newline``."""
+    dim, height = grid.shape[:2]
+    newlines = np.broadcast_to(newline[:, None, None], (dim, height, 1))  # [d, H, 1]
+    return np.concatenate([grid, newlines], axis=-1).reshape(dim, -1).T  # [d, H, W + 1] -> [H * (W + 1), d]

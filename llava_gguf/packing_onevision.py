@@ -17,7 +17,7 @@ import numpy as np
 
 from llava_gguf.errors import ImageError
 from llava_gguf.metadata import ImageMode, VisionSettings
-from llava_gguf.packing import anyres_grid_shape, unpad_bounds
+from llava_gguf.packing import anyres_grid_shape, rows_with_newlines, unpad_bounds, unpadded_grid
 
 TILE = 384
 # the real checkpoints' `image_grid_pinpoints`: every (a * 384, b * 384) for a, b in 1..6, as (height, width)
@@ -199,14 +199,8 @@ def pack_image_features(
             f"got {n_tiles} tiles of {n_patches} patches; OneVision packing needs features from "
             "`preprocess_onevision` for this image"
         )
-    grid = features[1:].reshape(rows, cols, side, side, dim)  # [rows, cols, s, s, d]
-    grid = grid.transpose(4, 0, 2, 1, 3)  # [d, rows, s, cols, s]
-    grid = grid.reshape(dim, rows * side, cols * side)  # [d, rows*s, cols*s]
-    grid = grid[:, top:bottom, left:right]  # [d, H, W]
+    grid = unpadded_grid(features[1:], rows, cols, side, (top, bottom, left, right))  # [d, H, W]
     size_hw = downscaled_size(grid.shape[1], grid.shape[2], settings)
     if size_hw != grid.shape[1:]:
         grid = interpolate_bilinear(grid, size_hw)  # [d, h, w]
-    newlines = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1))  # [d, h, 1]
-    grid = np.concatenate([grid, newlines], axis=-1)  # [d, h, w + 1]
-    tokens = grid.reshape(dim, -1).T  # [h * (w + 1), d]
-    return np.concatenate([features[0], tokens], axis=0)  # [n_patches + h * (w + 1), d]
+    return np.concatenate([features[0], rows_with_newlines(grid, newline)], axis=0)  # [n_patches + h * (w + 1), d]

@@ -127,16 +127,18 @@ def reference(ckpt: Any, messages: list[dict[str, Any]], images: list[Image.Imag
     inputs = processor(images=images or None, text=text, return_tensors="pt")
     config = ckpt.model.generation_config
     eos = config.eos_token_id if config.eos_token_id is not None else ckpt.tokenizer.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    return greedy(ckpt.model, inputs, eos if isinstance(eos, list) else [eos], N_NEW)
+
+
+def greedy(model: Any, inputs: Any, eos: list[int], n_new: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy tokens) of ``model.generate`` on the processor's ``inputs``, cut where it stops."""
+    eos = sorted(set(eos))
     with torch.no_grad():
-        out = ckpt.model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, eos_token_id=sorted(eos),
-                                  pad_token_id=sorted(eos)[0])
+        out = model.generate(**inputs, max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
     ids = inputs["input_ids"][0].tolist()
     generated = out[0, len(ids):].tolist()
-    for i, token in enumerate(generated):
-        if token in eos:
-            return ids, generated[:i]
-    return ids, generated
+    stops = [i for i, token in enumerate(generated) if token in eos]
+    return ids, generated[: stops[0]] if stops else generated
 
 
 def expanded_ids(items: list[Any], image_token_id: int) -> list[int]:

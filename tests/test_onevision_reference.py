@@ -22,7 +22,7 @@ import torch
 from checkpoints import ByteLevelTokenizer, train_qwen2_bpe
 from onevision_checkpoints import OnevisionCheckpoint, build_onevision_checkpoint
 from PIL import Image
-from test_families_reference import expanded_ids
+from test_families_reference import expanded_ids, greedy
 from test_runtime import EXACT, random_image
 
 from llava_gguf.convert import ConvertOptions, MmprojType, Quant, convert_checkpoint
@@ -95,16 +95,7 @@ def reference(ckpt: OnevisionCheckpoint, messages: list[dict[str, Any]],
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[images] if images else None, text=text, return_tensors="pt")
     eos = ckpt.model.generation_config.eos_token_id
-    eos = sorted(set(eos if isinstance(eos, list) else [eos]))
-    with torch.no_grad():
-        out = ckpt.model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, eos_token_id=eos,
-                                  pad_token_id=eos[0])
-    ids = inputs["input_ids"][0].tolist()
-    generated = out[0, len(ids):].tolist()
-    for i, token in enumerate(generated):
-        if token in eos:
-            return ids, generated[:i]
-    return ids, generated
+    return greedy(ckpt.model, inputs, eos if isinstance(eos, list) else [eos], N_NEW)
 
 
 def reference_counts(ckpt: OnevisionCheckpoint, sizes: list[tuple[int, int]]) -> list[int]:
