@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import logging
 import time
@@ -30,9 +29,11 @@ from llava_gguf.llm.chat_template import render_chat_template
 from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime
 from llava_gguf.llm.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PROMPT_CACHE_BYTES
 from llava_gguf.llm.prompt_cache import PromptCache
-from llava_gguf.llm.sampling import Sampler, SamplingOptions
+from llava_gguf.llm.sampling import GenerationOptions, Sampler
+from llava_gguf.llm.scheduler import FeatureSource, Scheduler
 from llava_gguf.llm.sequence import ImageSlot, Item, common_prefix, sequence_length, tokenize_prompt
 from llava_gguf.llm.templates import Message, Role, Template, render, user_text
+from llava_gguf.llm.text_stream import TextStream
 from llava_gguf.metadata import ImageMode, LlavaKeys, TokenizeMode, VisionSettings, read_gguf, read_header_keys
 from llava_gguf.packing import count_image_tokens, pack_image_features
 from llava_gguf.paths import prompts_dir
@@ -71,13 +72,6 @@ class RuntimeOptions:
     low_memory: bool = False
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_tokens: int = 512
-    stop: tuple[str, ...] = ()
-    sampling: SamplingOptions = SamplingOptions()
-
-
 @dataclass
 class Timings:
     vision_encode_s: float = 0.0
@@ -114,6 +108,20 @@ class PreparedImage:
         if not self.tiled or self.untiled_tokens is None:
             return self
         return replace(self, slot=ImageSlot(self.slot.key + UNTILED_KEY, self.untiled_tokens), tiled=False)
+
+
+@dataclass
+class Turn:
+    """A conversation's next prompt: its text, its token ids and image slots, the image views behind the
+    slots (the reference's: `LlavaModel.image_views`), the new images' token counts, the user message it
+    adds (None for a raw prompt) and the conversation's images with the new ones."""
+
+    prompt: str
+    items: list[Item]
+    views: list[PreparedImage]
+    n_image_tokens: list[int]
+    message: Message | None
+    images: list[PreparedImage]
 
 
 class LlavaModel:
@@ -262,19 +270,35 @@ class LlavaModel:
         key = prepared.slot.key
         features = self._features.get(key)
         if features is None:
-            features = self.cache.get(key)
+            features = self.cached_features(prepared)
+        self._features[key] = features
+        return features
+
+    def cached_features(self, prepared: PreparedImage) -> np.ndarray:
+        """The packed features of a prepared image: from the feature cache, else encoded (and cached)."""
+        features = self.cache.get(prepared.slot.key)
         if features is None:
             if prepared.image is None:
                 raise ImageError("the image was released before it was encoded")
             features = self._encode(prepared.image, prepared.on_tile, tiled=prepared.tiled)
             if self.options.low_memory and hasattr(self.encoder, "release_memory"):
                 self.encoder.release_memory()
-            self.cache.put(key, features)
+            self.cache.put(prepared.slot.key, features)
             self.timings.n_images_encoded += 1
-        self._features[key] = features
         if prepared.untiled_tokens is None:  # a OneVision image keeps its pixels: a later image re-views it
             prepared.image = None
         return features
+
+    def feature_source(self, images: Sequence[PreparedImage]) -> FeatureSource:
+        """For the scheduler: the features of those of ``images`` (a turn's views) it asks for."""
+        by_key = {p.slot.key: p for p in images}
+        return lambda slots: {slot.key: self.cached_features(by_key[slot.key]) for slot in slots}
+
+    def scheduler(self, n_seq: int, *, size: int | None = None) -> Scheduler:
+        """Answers generated together: ``n_seq`` sequences of a context of their own (``llm.scheduler``),
+        with this model's end-of-generation tokens and prompt cache. Close it before the model."""
+        return Scheduler(self.runtime, n_seq, is_end=self.is_end_of_generation, size=size,
+                         prompt_cache=self.prompt_cache)
 
     def _encode(self, image: Image.Image, on_tile: TileCallback | None, *, tiled: bool = True) -> np.ndarray:
         """An image's packed features [n_tokens, d]; ``tiled``: OneVision's view (see `image_views`)."""
@@ -319,7 +343,10 @@ class LlavaModel:
         Every caller comes here: the images become the views the reference uses for them (`image_views`)."""
         images = self.image_views(images)
         self._pending.update({p.slot.key: p for p in images})
-        return tokenize_prompt(self.runtime, prompt, [p.slot for p in images], self.tokenize_mode, self.image_token_id,
+        return self._tokenize(prompt, images, rendered)
+
+    def _tokenize(self, prompt: str, views: Sequence[PreparedImage], rendered: bool) -> list[Item]:
+        return tokenize_prompt(self.runtime, prompt, [p.slot for p in views], self.tokenize_mode, self.image_token_id,
                                self.special_tokens.get("bos_token") if rendered else None)
 
     def prefill(self, items: list[Item], reserve: int = 0) -> None:
@@ -427,27 +454,18 @@ class LlavaModel:
     def stream_text(self, items: list[Item], options: GenerationOptions = GenerationOptions(),
                     tokens_out: list[int] | None = None) -> Iterator[str]:
         """Generated text, piece by piece, whole UTF-8 characters only, cut before any stop string."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # bytes split across tokens
-        text = ""
-        emitted = 0
-        longest_stop = max((len(s) for s in options.stop), default=0)
+        stream = TextStream(self.runtime.token_bytes, options.stop)
         for token in self.generate(items, options):
             if tokens_out is not None:
                 tokens_out.append(token)
-            text += decoder.decode(self.runtime.token_bytes(token))
-            for stop in options.stop:
-                cut = text.find(stop, max(0, emitted - len(stop)))
-                if cut >= 0:
-                    if cut > emitted:
-                        yield text[emitted:cut]
-                    return
-            safe = len(text) - max(0, longest_stop - 1)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text += decoder.decode(b"", final=True)
-        if len(text) > emitted:
-            yield text[emitted:]
+            piece = stream.push(token)
+            if piece:
+                yield piece
+            if stream.stopped:
+                return
+        piece = stream.finish()
+        if piece:
+            yield piece
 
     # ------------------------------------------------------------------ conversation
 
@@ -481,6 +499,25 @@ class Chat:
     def clear(self) -> None:
         self.messages, self.images = [], []
 
+    def prepare(self, text: str, images: Sequence[ImageSource] = (), on_tile: TileCallback | None = None,
+                raw: bool = False) -> Turn:
+        """The prompt of the conversation with a user message (and its images) added, as ``send`` would
+        answer it; the conversation itself is unchanged."""
+        model = self.model
+        prepared = [model.prepare_image(i, on_tile) for i in images]
+        if raw:
+            prompt, message, all_images = text, None, prepared
+        else:
+            if prepared and "<image>" in text:
+                raise PromptError("put the question alone: the images are placed before it (or use raw mode)")
+            message = Message(Role.USER, user_text(text, len(prepared)))
+            prompt = model.render([*self.messages, message], self.system)
+            all_images = [*self.images, *prepared]
+        views = model.image_views(all_images)  # OneVision's untiled views among several
+        items = model._tokenize(prompt, views, rendered=not raw)
+        return Turn(prompt, items, views, [v.slot.n_tokens for v in views[len(views) - len(prepared):]], message,
+                    all_images)
+
     def send(self, text: str, images: Sequence[ImageSource] = (), options: GenerationOptions = GenerationOptions(),
              on_tile: TileCallback | None = None, raw: bool = False) -> Iterator[str]:
         """Add a user message (with its images) and stream the assistant's answer.
@@ -489,26 +526,16 @@ class Chat:
         """
         model = self.model
         model.timings = Timings()
-        prepared = [model.prepare_image(i, on_tile) for i in images]
-        if raw:
-            prompt = text
-            all_images = prepared
-        else:
-            if prepared and "<image>" in text:
-                raise PromptError("put the question alone: the images are placed before it (or use raw mode)")
-            message = Message(Role.USER, user_text(text, len(prepared)))
-            prompt = model.render([*self.messages, message], self.system)
-            all_images = [*self.images, *prepared]
-        items = model.sequence(prompt, all_images, rendered=not raw)
-        views = model.image_views(all_images)  # the views `sequence` used: OneVision's untiled among several
-        model.timings.n_image_tokens = [v.slot.n_tokens for v in views[len(views) - len(prepared):]]
-        self.last_prompt, self.last_items, self.last_tokens = prompt, items, []
+        turn = self.prepare(text, images, on_tile, raw)
+        model._pending.update({p.slot.key: p for p in turn.views})
+        model.timings.n_image_tokens = turn.n_image_tokens
+        self.last_prompt, self.last_items, self.last_tokens = turn.prompt, turn.items, []
         answer: list[str] = []
         try:
-            for piece in model.stream_text(items, options, self.last_tokens):
+            for piece in model.stream_text(turn.items, options, self.last_tokens):
                 answer.append(piece)
                 yield piece
         finally:
-            if not raw:
-                self.messages += [message, Message(Role.ASSISTANT, "".join(answer).strip())]
-                self.images = all_images
+            if turn.message is not None:
+                self.messages += [turn.message, Message(Role.ASSISTANT, "".join(answer).strip())]
+                self.images = turn.images

@@ -1,4 +1,5 @@
-"""Choosing the next token from the logits: repeat penalty, top-k, top-p, temperature."""
+"""Choosing the next token from the logits (repeat penalty, top-k, top-p, temperature), and when an
+answer ends (``GenerationOptions``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ class SamplingOptions:
     repeat_penalty: float = 1.0  # 1: off (llama.cpp's definition)
     repeat_last_n: int = 64
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    sampling: SamplingOptions = SamplingOptions()
 
 
 @dataclass
