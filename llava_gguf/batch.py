@@ -8,7 +8,7 @@ tasks; each image is identified by the sha256 of its bytes, so a renamed file is
 changed one is. ``JsonlOutput`` appends one complete line per row (flushed and fsynced), reads back what
 an earlier run finished, and drops a partial last line an interrupted run left. ``write_sidecar``
 writes ``<image>.txt`` atomically. The per-image work is one function (``answer_task``) that the
-local loop and the Ray actors both call.
+local loop and the Ray actors both call; ``answer_together`` answers several at once on the scheduler.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from llava_gguf.errors import LlavaGGUFError
-from llava_gguf.model import GenerationOptions, LlavaModel
+from llava_gguf.llm.scheduler import Request, Ticket
+from llava_gguf.model import GenerationOptions, LlavaModel, Turn
 from llava_gguf.partial import sweep_once, write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -133,74 +135,62 @@ def run_batch(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptio
               parallel: int = 1) -> Iterator[dict[str, Any]]:
     """The rows of ``tasks`` as their answers arrive: each content is answered once, at its first task,
     and the other tasks with that content and prompt (the same image under another name) follow its row
-    at once, marked ``duplicate_of``. ``parallel``: answers decoded together, that many at a time
-    (``parallel.ParallelDecoder``)."""
+    at once, marked ``duplicate_of``. ``parallel``: answers generated together by the scheduler
+    (``llm/scheduler.py``); a finished answer's sequence takes the next task at once."""
     tasks = list(tasks)
-    return with_duplicates(tasks, _answer_unique(model, unique_tasks(tasks), options, parallel))
+    unique = unique_tasks(tasks)
+    rows = (answer_together(model, unique, options, parallel) if parallel > 1
+            else (answer_task(model, task, options) for task in unique))
+    return with_duplicates(tasks, rows)
 
 
-def _answer_unique(model: LlavaModel, unique: list[Task], options: GenerationOptions,
-                   parallel: int) -> Iterator[dict[str, Any]]:
-    decoder = None
-    if parallel > 1:
-        from llava_gguf.llm.parallel import ParallelDecoder
-
-        decoder = ParallelDecoder(model, parallel)
+def answer_together(model: LlavaModel, tasks: Iterable[Task], options: GenerationOptions,
+                    parallel: int) -> Iterator[dict[str, Any]]:
+    """Rows of ``tasks`` in the order their answers end, ``parallel`` answered at once: one task more than the
+    sequences always waits, prepared, so a sequence that frees takes it at the next step."""
+    scheduler = model.scheduler(parallel)
+    ended: queue.Queue[Ticket] = queue.Queue()
+    pending = iter(tasks)
+    in_flight: dict[Ticket, tuple[Task, float, Turn]] = {}
     try:
-        for start in range(0, len(unique), parallel):
-            group = unique[start : start + parallel]
-            yield from (answer_tasks_together(model, group, options, decoder) if decoder is not None
-                        else [answer_task(model, group[0], options)])
+        while True:
+            while len(in_flight) <= parallel:
+                task = next(pending, None)
+                if task is None:
+                    break
+                row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+                if task.sha256 is None:
+                    yield {**row, "error": f"{task.path}: cannot read the file"}
+                    continue
+                start = time.perf_counter()
+                try:
+                    turn = model.chat().prepare(task.prompt, [task.path])
+                    ticket = scheduler.submit(Request(turn.items, options, model.feature_source(turn.views)),
+                                              on_done=ended.put)
+                except LlavaGGUFError as e:
+                    yield {**row, "error": str(e)}
+                    continue
+                in_flight[ticket] = (task, start, turn)
+            if not in_flight:
+                return
+            ticket = ended.get()
+            task, start, turn = in_flight.pop(ticket)
+            yield scheduled_row(model, task, ticket, turn, time.perf_counter() - start)
     finally:
-        if decoder is not None:
-            decoder.close()
+        scheduler.close()
 
 
-def answer_tasks_together(model: LlavaModel, tasks: list[Task], options: GenerationOptions,
-                          decoder: Any) -> list[dict[str, Any]]:
-    """Rows of several tasks whose answers are decoded together; tasks that fail before decoding (an
-    unreadable image, a prompt too long) are error rows, in their place."""
-    from llava_gguf.llm.sequence import sequence_length
-    from llava_gguf.llm.templates import Message, Role, user_text
-
-    rows: list[dict[str, Any] | None] = []
-    prompts, where, vision = [], [], []
-    for task in tasks:
-        row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
-        if task.sha256 is None:
-            rows.append({**row, "error": f"{task.path}: cannot read the file"})
-            continue
-        try:
-            start = time.perf_counter()
-            prepared = model.prepare_image(task.path)
-            items = model.sequence(model.render([Message(Role.USER, user_text(task.prompt, 1))]), [prepared])
-            features = {prepared.slot.key: model.encode_image(prepared)}
-            vision.append(time.perf_counter() - start)
-        except LlavaGGUFError as e:
-            rows.append({**row, "error": str(e)})
-            continue
-        where.append(len(rows))
-        rows.append(None)
-        prompts.append((items, features, prepared.slot.n_tokens))
-    if prompts:
-        try:
-            answers = decoder.answer([(items, features) for items, features, _ in prompts], options)
-        except LlavaGGUFError as e:
-            answers = [e] * len(prompts)
-        for index, (items, _, n_image), seconds, answer in zip(where, prompts, vision, answers):
-            task = tasks[index]
-            row = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
-            if isinstance(answer, Exception):
-                rows[index] = {**row, "error": str(answer)}
-                continue
-            rows[index] = {**row, "answer": answer.text, "tokens": answer.tokens,
-                           "n_prompt_tokens": sequence_length(items), "n_image_tokens": [n_image],
-                           "n_generated": len(answer.tokens), "n_restored": 0,
-                           "timings": {"vision_encode_s": seconds, "prefill_s": answer.prefill_s,
-                                       "decode_s": answer.decode_s,
-                                       "total_s": seconds + answer.prefill_s + answer.decode_s},
-                           "model": model_identity(model)}
-    return [row for row in rows if row is not None]
+def scheduled_row(model: LlavaModel, task: Task, ticket: Ticket, turn: Turn, total_s: float) -> dict[str, Any]:
+    """The row of a task the scheduler answered (``answer_task``'s fields), or its ``error``."""
+    row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+    if ticket.error is not None:
+        return {**row, "error": str(ticket.error)}
+    o = ticket.outcome
+    return {**row, "answer": o.text, "tokens": o.tokens, "n_prompt_tokens": o.n_prompt_tokens,
+            "n_image_tokens": turn.n_image_tokens, "n_generated": o.n_generated, "n_restored": o.n_restored,
+            "timings": {"vision_encode_s": o.vision_s, "prefill_s": o.prefill_s - o.vision_s,
+                        "decode_s": o.decode_s, "total_s": total_s},
+            "model": model_identity(model)}
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str]:

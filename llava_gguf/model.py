@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -158,6 +159,7 @@ class LlavaModel:
         self._cached: list[Item] = []  # what the KV cache holds, in order
         self._features: dict[str, np.ndarray] = {}  # packed features of this session's images
         self._pending: dict[str, PreparedImage] = {}  # images in a sequence, not yet encoded
+        self._schedulers: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # closed before the model
         self.timings = Timings()
 
     def _load(self, options: RuntimeOptions, template_hint: str | None) -> None:
@@ -297,8 +299,10 @@ class LlavaModel:
     def scheduler(self, n_seq: int, *, size: int | None = None) -> Scheduler:
         """Answers generated together: ``n_seq`` sequences of a context of their own (``llm.scheduler``),
         with this model's end-of-generation tokens and prompt cache. Close it before the model."""
-        return Scheduler(self.runtime, n_seq, is_end=self.is_end_of_generation, size=size,
-                         prompt_cache=self.prompt_cache)
+        scheduler = Scheduler(self.runtime, n_seq, is_end=self.is_end_of_generation, size=size,
+                              prompt_cache=self.prompt_cache)
+        self._schedulers.add(scheduler)
+        return scheduler
 
     def _encode(self, image: Image.Image, on_tile: TileCallback | None, *, tiled: bool = True) -> np.ndarray:
         """An image's packed features [n_tokens, d]; ``tiled``: OneVision's view (see `image_views`)."""
@@ -478,6 +482,8 @@ class LlavaModel:
         return self.chat().send(question, images, options, on_tile)
 
     def close(self) -> None:
+        for scheduler in list(getattr(self, "_schedulers", ())):
+            scheduler.close()  # their contexts refer to the llama model
         close = getattr(getattr(self, "encoder", None), "close", None)
         if close is not None:
             close()  # libmtmd's context refers to the llama model: free it first

@@ -4,21 +4,19 @@ No timing is asserted. (The load, the provisional verdicts and stale entries: te
 
 from __future__ import annotations
 
-import ctypes
 import json
+import logging
 import math
 import re
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
-from llama_cpp import _logger as llama_logger
 
 from llava_gguf.errors import ModelLoadError
 from llava_gguf.llm import repack
-from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime
+from llava_gguf.llm.llama import LlamaOptions, LlamaRuntime, llama_log
 from llava_gguf.llm.repack import (
     PROBE_FILE,
     RepackPolicy,
@@ -100,18 +98,19 @@ REPACKED_BUFFER = re.compile(r"(CPU_REPACK|AMX) model buffer size")
 
 
 def _load_log(path: Path, options: LlamaOptions) -> tuple[LlamaRuntime, str]:
+    """The runtime and what llama.cpp logged while loading it (through the runtime's own log routing)."""
     lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        lines.append(text.decode(errors="replace"))
-
-    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = llama_log.level
+    llama_log.addHandler(handler)
+    llama_log.setLevel(logging.DEBUG)
     try:
         runtime = LlamaRuntime(path, options)
     finally:
-        llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
-    return runtime, "".join(lines)
+        llama_log.removeHandler(handler)
+        llama_log.setLevel(level)
+    return runtime, "\n".join(lines)
 
 
 def test_on_and_off_are_what_llama_cpp_does(q4_model: Path, tmp_path: Path) -> None:

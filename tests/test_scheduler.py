@@ -168,7 +168,7 @@ def test_prompt_cache_is_restored_into_a_sequence(f32_pair, tmp_path: Path) -> N
 def test_a_request_beyond_a_sequence_is_refused(model: LlavaModel) -> None:
     scheduler = model.scheduler(2, size=256)
     try:
-        with pytest.raises(ContextOverflowError, match="a sequence holds at most"):
+        with pytest.raises(ContextOverflowError, match="context holds at most"):
             submit(model, scheduler, "What is in the picture?", [(40, 30)], greedy(1000))
         # the pool is shared: two requests that each fit but not together run one after the other
         sizes = [(40, 30)]

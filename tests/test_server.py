@@ -58,6 +58,7 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.service.close()
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,8 @@ def test_a_client_dropped_mid_stream_frees_the_model(tiny) -> None:
         while running.service._admitted and time.monotonic() < deadline:
             time.sleep(0.05)
         assert running.service._admitted == 0
-        assert running.service.model.timings.n_generated < 2000  # stopped, not finished
+        stats = running.service.scheduler.stats
+        assert stats.cancelled == 1 and stats.generated_tokens < 2000  # stopped, not finished
         start = time.monotonic()
         reply = client.chat.completions.create(model=NAME, messages=[user(QUESTION, image)], max_tokens=4)
         assert reply.choices[0].message.content is not None and time.monotonic() - start < 20
@@ -465,7 +467,8 @@ def test_a_client_gone_before_a_plain_answer_frees_the_model(tiny) -> None:
         while running.service._admitted and time.monotonic() < gone + 20:
             time.sleep(0.05)
         assert running.service._admitted == 0
-        assert running.service.model.timings.n_generated < 3000  # stopped, not finished
+        stats = running.service.scheduler.stats
+        assert stats.cancelled == 1 and stats.generated_tokens < 3000  # stopped, not finished
         assert _post(f"{running.url}/v1/chat/completions", _chat([{"role": "user", "content": "hi"}]))[0] == 200
     finally:
         running.stop()

@@ -262,8 +262,8 @@ def test_a_legacy_pair_stops_at_its_end_of_turn(family_pair, family: str, stop: 
 
 def test_eos_token_ids_end_answers_too(family_pair) -> None:
     """An id in llava_gguf.eos_token_ids ends an answer even where llama.cpp does not (here the answer's own
-    token): in ask/chat and in batch --parallel."""
-    from llava_gguf.llm.parallel import ParallelDecoder
+    token): in ask/chat and in the scheduler (serve, batch --parallel)."""
+    from llava_gguf.llm.scheduler import Request
 
     probe = family_pair("llama3")
     model = LlavaModel(probe.llm, probe.mmproj, EXACT)
@@ -276,14 +276,13 @@ def test_eos_token_ids_end_answers_too(family_pair) -> None:
     chat = model.chat()
     assert "".join(chat.send("What is in the picture?", [random_image(40, 30, seed=1)], GREEDY)) == ""
     assert chat.last_tokens == [] and model.timings.n_generated == 0
-    prepared = model.prepare_image(random_image(40, 30, seed=1))
-    items = model.sequence(model.render([Message(Role.USER, user_text("Hi?", 1))]), [prepared])
-    decoder = ParallelDecoder(model, 2)
+    turn = model.chat().prepare("Hi?", [random_image(40, 30, seed=1)])
+    scheduler = model.scheduler(2)
     try:
-        answers = decoder.answer([(items, {prepared.slot.key: model.encode_image(prepared)})] * 2, GREEDY)
+        tickets = [scheduler.submit(Request(turn.items, GREEDY, model.feature_source(turn.views))) for _ in range(2)]
+        assert [t.wait(timeout=300).tokens for t in tickets] == [[], []]
     finally:
-        decoder.close()
-    assert [a.tokens for a in answers] == [[], []]
+        scheduler.close()
     model.close()
 
 

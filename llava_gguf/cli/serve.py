@@ -26,8 +26,11 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (public addresses only).")
 @click.option("--allowed-dir", "allowed_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Let requests name local image files under this directory (repeat for several).")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="Requests answered together, as sequences of one context [default: from the hardware: 4 on a "
+                   "CPU, 8 with GPU offload]. -c is each sequence's context.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Requests waiting for the model beyond the one generating; more get 429.")
+              help="Requests waiting for a sequence beyond the --parallel answering; more get 429.")
 @click.option("--max-images", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images in one conversation.")
 @click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True)
@@ -38,7 +41,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @run_options
 @click.pass_obj
 def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: bool, cors_origins: tuple[str, ...],
-          allow_remote_images: bool, allowed_dirs: tuple[Path, ...], max_queue: int, max_images: int,
+          allow_remote_images: bool, allowed_dirs: tuple[Path, ...], parallel: int | None, max_queue: int,
+          max_images: int,
           max_image_mb: float, max_image_pixels: int, max_body_mb: float, settings: RunSettings) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web page (/).
 
@@ -52,6 +56,7 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
     """
     import uvicorn
 
+    from llava_gguf.llm.scheduler import default_sequences
     from llava_gguf.server.app import AppOptions, create_app
     from llava_gguf.server.images import ImagePolicy
     from llava_gguf.server.service import ChatService, ServiceOptions
@@ -67,15 +72,25 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
             settings.model or model.llm_path.stem)
         policy = ImagePolicy(max_bytes=int(max_image_mb * 2**20), max_images=max_images, max_pixels=max_image_pixels,
                              allow_remote=allow_remote_images, allowed_dirs=tuple(d.resolve() for d in allowed_dirs))
-        service = ChatService(model, ServiceOptions(name=name, max_queue=max_queue, images=policy,
-                                                    defaults=settings.generation_options()))
+        llama = model.runtime.options
+        if parallel is None:
+            parallel, why = default_sequences(llama.n_gpu_layers, llama.n_threads)
+        else:
+            why = "as asked"
+        service = ChatService(model, ServiceOptions(name=name, parallel=parallel, max_queue=max_queue,
+                                                    images=policy, defaults=settings.generation_options()))
         app = create_app(service, AppOptions(api_key=api_key, cors_origins=cors_origins,
                                              max_body_bytes=int(max_body_mb * 2**20)))
     shown = f"[{host}]" if ":" in host else host
     if not settings.quiet:
         err_console.print(f"serving {name} on http://{shown}:{port}/ (OpenAI API at http://{shown}:{port}/v1)",
                           highlight=False)
+        pool = service.scheduler.stats.pool_positions
+        err_console.print(f"{parallel} request(s) answered together ({why}; --parallel to change), "
+                          f"{pool} context positions shared, up to {service.scheduler.max_request} each",
+                          highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
+        service.close()
         model.close()

@@ -21,6 +21,25 @@ from llava_gguf.llm.tokenizer import Tokenizer, kv_override_array, name_override
 log = logging.getLogger(__name__)
 # llama.cpp's own log goes through this logger; keep it quiet unless asked.
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+# llama-cpp-python's log callback reads ggml's levels one off (a warning counts as an error, so it is
+# printed); this one reads them as ggml defines them and hands them to logging, errors only by default
+llama_log = logging.getLogger("llava_gguf.llama_cpp")
+llama_log.setLevel(logging.ERROR)
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+
+
+@llama_cpp.llama_log_callback
+def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level != 5:  # 5: the previous message goes on
+        _last_level[0] = _GGML_LEVELS.get(level, logging.DEBUG)
+    if llama_log.isEnabledFor(_last_level[0]):
+        llama_log.log(_last_level[0], "%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+def route_llama_log() -> None:
+    """Send llama.cpp's log to ``llava_gguf.llama_cpp`` (again, should something have set another callback)."""
+    llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
 
 
 class KVCacheType(str, enum.Enum):
@@ -62,6 +81,7 @@ class LlamaRuntime:
     def __init__(self, path: Path, options: LlamaOptions = LlamaOptions()) -> None:
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such file")
+        route_llama_log()
         self.path = path
         self.options = options
         params = llama_cpp.llama_model_default_params()

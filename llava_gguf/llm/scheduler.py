@@ -122,6 +122,7 @@ class SchedulerStats:
     pool_positions: int
     waiting: int = 0
     active: int = 0
+    peak_active: int = 0  # the most sequences answering at once
     finished: int = 0
     failed: int = 0
     cancelled: int = 0
@@ -202,7 +203,7 @@ class Scheduler:
         need = ticket.outcome.n_prompt_tokens + request.options.max_tokens
         if need > self.max_request:
             raise ContextOverflowError(
-                f"the prompt and answer need {need} tokens but a sequence holds at most {self.max_request}; "
+                f"the prompt and answer need {need} tokens but a sequence's context holds at most {self.max_request}; "
                 "use fewer or smaller images, a shorter conversation or fewer max tokens")
         with self._cond:
             if self._closed:
@@ -213,7 +214,10 @@ class Scheduler:
         return ticket
 
     def close(self) -> None:
+        """Stop the thread (the requests not answered get an error) and free the context; once is enough."""
         with self._cond:
+            if self._closed and not self._thread.is_alive() and self.ctx is None:
+                return
             self._closed = True
             self._cond.notify()
         self._thread.join()
@@ -221,7 +225,9 @@ class Scheduler:
             ticket._finish(LlavaGGUFError("the server is shutting down"))
         self._waiting.clear()
         self._running.clear()
-        self.ctx.close()
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None  # type: ignore[assignment]
 
     def cached_prefixes(self) -> list[list[Item]]:
         """What each sequence's KV holds (for tests and diagnostics)."""
@@ -279,6 +285,7 @@ class Scheduler:
             self._running.append(running)
         self.stats.waiting = len(self._waiting)
         self.stats.active = len(self._running)
+        self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
 
     @staticmethod
     def _choose(free: list[_Slot], items: list[Item]) -> _Slot:

@@ -25,6 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from llava_gguf.server import protocol
+from llava_gguf.server.metrics import exposition, registry_for
 from llava_gguf.server.protocol import RequestError
 from llava_gguf.server.service import ChatService
 
@@ -145,6 +146,16 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
             return error_response(e)
         return JSONResponse(protocol.models_list(service.options.name, created))
 
+    registry = registry_for(service)
+
+    async def metrics(request: Request) -> Response:
+        try:
+            authorize(request)
+        except RequestError as e:
+            return error_response(e)
+        body, content_type = exposition(registry)
+        return Response(body, media_type=content_type)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": service.options.name})
 
@@ -163,6 +174,7 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/", page, methods=["GET"]),
     ]
     return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found})

@@ -1,9 +1,9 @@
-"""The server's logic: an OpenAI chat request to a conversation on the one loaded model, one generation at a
-time behind a bounded queue.
+"""The server's logic: an OpenAI chat request to a conversation on the one loaded model, answered by the
+scheduler (``llm/scheduler.py``) together with up to ``parallel - 1`` others, behind a bounded queue.
 
 Each request carries its whole conversation; it is rendered with the model's template and tokenized
-as ``ask`` does, so a request that extends an earlier one shares its token and image prefix and the
-model's KV cache (and the prompt cache on disk) supplies that prefix: follow-up turns decode only
+as ``ask`` does, so a request that extends an earlier one shares its token and image prefix, and the
+sequence that holds that prefix (or the prompt cache on disk) supplies it: follow-up turns decode only
 what is new, and no request sees another's state beyond an identical prefix.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from llava_gguf.errors import ContextOverflowError, ImageError, LlavaGGUFError, PromptError
 from llava_gguf.llm.sampling import SamplingOptions
+from llava_gguf.llm.scheduler import Request
 from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import GenerationOptions, LlavaModel
 from llava_gguf.server.images import ImagePolicy, image_bytes
@@ -25,7 +26,9 @@ from llava_gguf.server.protocol import ChatCompletionRequest, RequestError, usag
 @dataclass(frozen=True)
 class ServiceOptions:
     name: str  # the model id clients name
-    max_queue: int = 4  # requests waiting beyond the one generating; more get 429
+    parallel: int = 1  # answers generated together (sequences of one llama.cpp context)
+    max_queue: int = 4  # requests waiting beyond the ``parallel`` answering; more get 429
+    pool_positions: int | None = None  # positions the sequences share (None: ``scheduler.default_pool_size``)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     # what a request leaves out (temperature 0.2 as `ask` and LLaVA's own CLI, 512 tokens)
     defaults: GenerationOptions = GenerationOptions(sampling=SamplingOptions(temperature=0.2))
@@ -53,17 +56,23 @@ class ChatService:
     def __init__(self, model: LlavaModel, options: ServiceOptions) -> None:
         self.model = model
         self.options = options
-        self._generating = threading.Lock()  # one generation at a time
+        self.scheduler = model.scheduler(options.parallel, size=options.pool_positions)
+        self._preparing = threading.Lock()  # the tokenizer and template, one request at a time
         self._admitted = 0
+        self.rejected = 0
         self._count = threading.Lock()
+
+    def close(self) -> None:
+        self.scheduler.close()
 
     # -- admission ----------------------------------------------------------------------------
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
-        """Hold a place: the one generating plus ``max_queue`` waiting; past that, 429."""
+        """Hold a place: ``parallel`` answering plus ``max_queue`` waiting; past that, 429."""
         with self._count:
-            if self._admitted >= 1 + self.options.max_queue:
+            if self._admitted >= self.options.parallel + self.options.max_queue:
+                self.rejected += 1
                 raise RequestError(429, f"the server is busy ({self._admitted} requests in progress or waiting); "
                                         "retry shortly", kind="rate_limit_error", code="busy",
                                    headers={"Retry-After": "1"})
@@ -118,35 +127,26 @@ class ChatService:
         return Job(system, turns, last[1], last[2], options)
 
     def run(self, job: Job, on_piece: Callable[[str], None], stop: threading.Event) -> Result:
-        """Generate (in a worker thread); ``on_piece`` gets each text piece; ``stop`` ends it within a token."""
-        with self._generating:
-            model = self.model
-            if stop.is_set():  # its client left while it waited
-                return Result("", "stop", usage(0, 0, 0))
-            try:
+        """Answer ``job`` (waiting in a worker thread); ``on_piece`` gets each text piece, on the scheduler's
+        thread; ``stop`` ends it within a step, freeing its sequence."""
+        model = self.model
+        try:
+            with self._preparing:
                 chat = model.chat(job.system)
                 for role, text, images in job.history:
                     prepared = [model.prepare_image(image) for image in images]
                     chat.messages.append(Message(role, user_text(text, len(prepared)) if role is Role.USER else text))
                     chat.images += prepared
-                pieces = []
-                stream = chat.send(job.text, job.images, job.options)
-                try:
-                    for piece in stream:
-                        if stop.is_set():
-                            break
-                        pieces.append(piece)
-                        on_piece(piece)
-                finally:
-                    stream.close()
-            except (ImageError, PromptError, ContextOverflowError) as e:
-                raise RequestError(400, str(e)) from e
-            except LlavaGGUFError as e:
-                raise RequestError(500, str(e), kind="server_error") from e
-            t = model.timings
-            finish = "length" if t.n_generated >= job.options.max_tokens else "stop"
-            return Result("".join(pieces), finish,
-                          usage(t.n_prompt_tokens, t.n_generated, t.n_prompt_tokens - t.n_prefilled))
+                turn = chat.prepare(job.text, job.images)
+            ticket = self.scheduler.submit(Request(turn.items, job.options, model.feature_source(turn.views),
+                                                   on_piece, cancel=stop))
+            outcome = ticket.wait()
+        except (ImageError, PromptError, ContextOverflowError) as e:
+            raise RequestError(400, str(e)) from e
+        except LlavaGGUFError as e:
+            raise RequestError(500, str(e), kind="server_error") from e
+        finish = "length" if outcome.finish_reason == "length" else "stop"
+        return Result(outcome.text, finish, usage(outcome.n_prompt_tokens, outcome.n_generated, outcome.n_cached))
 
 
 def _split_content(content: object, index: int) -> tuple[str, list[str]]:
