@@ -32,8 +32,9 @@ from llava_gguf.sources import resolve_model
               help="Run on Ray Data: a local Ray, or the cluster at ADDRESS (pip install 'llava-gguf[ray]').")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --ray: actors, each with one loaded model and -t threads.")
-@click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Answers decoded together (one llama.cpp batch step for all; prefill stays one at a time).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Answers generated together (one llama.cpp batch step for all); a finished answer's sequence "
+                   "takes the next image at once.")
 @run_options
 @click.pass_obj
 def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...], prompts_file: Path | None,

@@ -26,7 +26,7 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs (public addresses only).")
 @click.option("--allowed-dir", "allowed_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Let requests name local image files under this directory (repeat for several).")
-@click.option("--parallel", type=click.IntRange(min=1), default=None,
+@click.option("--parallel", type=click.IntRange(1, 256), default=None,
               help="Requests answered together, as sequences of one context [default: from the hardware: 4 on a "
                    "CPU, 8 with GPU offload]. -c is each sequence's context.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=4, show_default=True,

@@ -5,8 +5,8 @@ A thread of its own runs steps. Each step
     must fit the pool of positions; the sequences idle with a kept prefix give theirs back, least recently
     used first, when a newcomer needs the room),
   - drops requests whose ``cancel`` is set (a client that went away): their sequence is free this step,
-  - prepares one newcomer (its images' features, on this thread, so the vision encoder never competes
-    with the LLM for the cores),
+  - prepares the next newcomer once the last one is prefilled (its images' features, on this thread, so
+    the vision encoder never competes with the LLM for the cores; first come, first answered),
   - decodes one token of every answering sequence in one ``llama_decode``, with a chunk of one
     newcomer's prompt: text tokens in the same batch, image rows in a second call. Chunks are
     ``prefill_chunk`` positions while others answer, so their streams keep flowing during a prefill,
@@ -335,11 +335,13 @@ class Scheduler:
         for running in list(self._running):
             if running.ticket.request.cancel.is_set():
                 self._end(running, reason="cancelled")
-        newcomer = next((r for r in self._running if not r.prepared), None)
-        if newcomer is not None:
-            self._prepare(newcomer)
-        answering = [r for r in self._running if r.next_token is not None]
         prefiller = next((r for r in self._running if r.prepared and r.prefilling), None)
+        if prefiller is None:  # first come, first answered: the next newcomer's images once the last is prefilled
+            newcomer = next((r for r in self._running if not r.prepared), None)
+            if newcomer is not None:
+                self._prepare(newcomer)
+                prefiller = newcomer if newcomer.prepared and newcomer.prefilling else None
+        answering = [r for r in self._running if r.next_token is not None]
         entries = [TokenEntry(r.slot.seq, r.pos, r.next_token, True) for r in answering]  # type: ignore[arg-type]
         budget = self.prefill_chunk if answering else self.runtime.options.n_batch
         rows: np.ndarray | None = None
@@ -435,6 +437,10 @@ class Scheduler:
         except LlavaGGUFError as e:
             self._end(running, error=e)
             return
+        except Exception as e:  # noqa: BLE001  an image that breaks the encoder fails its request only
+            log.exception("preparing a request's images failed")
+            self._end(running, error=LlavaGGUFError(f"could not prepare the images: {type(e).__name__}: {e}"))
+            return
         finally:
             running.ticket.outcome.vision_s = time.perf_counter() - start
             self.stats.images_prepared_s += running.ticket.outcome.vision_s
@@ -461,6 +467,7 @@ class Scheduler:
                                    lambda buffer: self.ctx.save_state(seq, buffer))
         if not running.prefilling:
             assert logits is not None
+            running.features = {}  # decoded: the KV holds them now
             running.stream = TextStream(self.runtime.token_bytes, running.options.stop)
             if running.options.max_tokens <= 0:
                 self._end(running, reason="length")
