@@ -288,3 +288,32 @@ def test_prompt_logits_untile_several_images(onevision, model) -> None:
         expected = ckpt.model(**inputs).logits[0, -1].numpy()
     ours = model.prompt_logits(prompt, images)
     assert np.abs(ours - expected).max() <= 2e-3 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_answers_together_equal_answers_alone(model) -> None:
+    """The scheduler (serve, batch --parallel) on LLaVA-OneVision: one image tiled, two images untiled (their
+    own feature keys), a text-only prompt, a follow-up turn; each answer equals its lone answer."""
+    from llava_gguf.llm.scheduler import Request
+
+    cases = [("What is in the picture?", [random_image(90, 50, seed=81)]),
+             ("Compare them.", [random_image(90, 50, seed=81), random_image(33, 77, seed=82)]),
+             ("Hello there.", []),
+             ("Describe it.", [random_image(120, 40, seed=83)])]
+    expected = []
+    for question, images in cases:
+        chat = model.chat()
+        "".join(chat.send(question, images, GREEDY))
+        expected.append(chat.last_tokens)
+    follow = model.chat()
+    "".join(follow.send(*cases[0], GREEDY))
+    "".join(follow.send("And then?", [], GREEDY))
+    expected.append(follow.last_tokens)
+    scheduler = model.scheduler(3)
+    try:
+        turns = [model.chat().prepare(question, images) for question, images in cases]
+        follow.messages = follow.messages[:2]
+        turns.append(follow.prepare("And then?"))
+        tickets = [scheduler.submit(Request(t.items, GREEDY, model.feature_source(t.views))) for t in turns]
+        assert [t.wait(timeout=300).tokens for t in tickets] == expected
+    finally:
+        scheduler.close()

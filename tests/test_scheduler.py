@@ -52,9 +52,14 @@ def submit(model: LlavaModel, scheduler: Scheduler, question: str, sizes, option
     return scheduler.submit(Request(turn.items, options, model.feature_source(turn.views), **kwargs))
 
 
-@pytest.fixture(scope="module", params=["1.5", "1.6"])
+# (LLaVA version, layout, LLM): both layouts (the original's split tokenization), anyres, other LLM kinds
+KINDS = [("1.5", "llava-hf", "llama"), ("1.6", "llava-hf", "llama"), ("1.6", "original", "mistral"),
+         ("1.6", "llava-hf", "qwen2"), ("1.5", "llava-hf", "phi3")]
+
+
+@pytest.fixture(scope="module", params=KINDS, ids=["-".join(kind) for kind in KINDS])
 def model(request, f32_pair):
-    _, llm, mmproj = f32_pair(request.param, "llava-hf", "llama")
+    _, llm, mmproj = f32_pair(*request.param)
     loaded = LlavaModel(llm, mmproj, EXACT)
     yield loaded
     loaded.close()
@@ -196,3 +201,24 @@ def test_features_are_asked_only_for_images_not_reused(model: LlavaModel) -> Non
     finally:
         scheduler.close()
     assert asked == [[turn.views[0].slot.key]]  # the second time the sequence held the image
+
+
+def test_a_shared_image_is_prefilled_once(model: LlavaModel) -> None:
+    """A second request about an image another sequence is answering about: it shares that sequence's KV cells
+    for the prompt's opening and the image (decoded once), and both get their lone answers."""
+    expected = [alone(model, "What is in the picture?", [(64, 64)], greedy(300)),
+                alone(model, "Describe it.", [(64, 64)], greedy(12))]
+    scheduler = model.scheduler(2)
+    try:
+        answering = threading.Event()
+        first = submit(model, scheduler, "What is in the picture?", [(64, 64)], greedy(300),
+                       on_piece=lambda piece: answering.set())
+        assert answering.wait(timeout=120)
+        turn = model.chat().prepare("Describe it.", [image_of((64, 64))])
+        second = scheduler.submit(Request(turn.items, greedy(12), model.feature_source(turn.views)))
+        outcomes = [first.wait(timeout=300), second.wait(timeout=300)]
+    finally:
+        scheduler.close()
+    assert [(o.text, o.tokens) for o in outcomes] == expected
+    image_end = next(i + 1 for i, item in enumerate(turn.items) if isinstance(item, ImageSlot))
+    assert outcomes[1].n_reused >= sequence_length(turn.items[:image_end])

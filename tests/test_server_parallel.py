@@ -185,6 +185,11 @@ def test_a_follow_up_reuses_its_sequence_while_another_answer_runs(tiny, library
         # (the first turn shared only the opening words with the other answer's sequence, not an image)
         assert first.usage.prompt_tokens_details.cached_tokens < library.count_image_tokens(image(70))
         assert running.service.model.cache.misses == 2  # two images, each encoded once
+        # where the time went, as llama-server's timings: the positions decoded and those reused
+        spent = follow.model_extra["timings"]
+        assert spent["cache_n"] == cached and spent["prompt_n"] == follow.usage.prompt_tokens - cached
+        assert spent["predicted_n"] == follow.usage.completion_tokens and spent["image_ms"] < 50
+        assert 0 < spent["first_token_ms"] and spent["queued_ms"] <= spent["first_token_ms"]
         reader.leave()
     finally:
         running.stop()

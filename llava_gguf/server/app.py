@@ -84,7 +84,8 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
                     result = await anyio.to_thread.run_sync(service.run, job, lambda piece: None, stop)
                 finally:
                     watcher.cancel()
-            return JSONResponse(protocol.completion(cid, name, result.text, result.finish_reason, result.usage))
+            return JSONResponse(protocol.completion(cid, name, result.text, result.finish_reason, result.usage,
+                                                    result.timings))
         except RequestError as e:
             return error_response(e)
         except Exception as e:  # noqa: BLE001  one request's surprise must not stop the server
@@ -129,7 +130,7 @@ def create_app(service: ChatService, options: AppOptions = AppOptions()) -> Star
                     yield _event(value.body())
                     break
                 else:
-                    yield _event(protocol.chunk(cid, name, {}, value.finish_reason))
+                    yield _event(protocol.chunk(cid, name, {}, value.finish_reason, timings_=value.timings))
                     if include_usage:
                         yield _event(protocol.chunk(cid, name, None, usage_=value.usage))
                     break

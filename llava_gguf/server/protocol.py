@@ -111,21 +111,40 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, usage_: dict[str, Any]) -> dict[str, Any]:
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage_}
+def completion(cid: str, model: str, text: str, finish_reason: str, usage_: dict[str, Any],
+               timings_: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                        "finish_reason": finish_reason, "logprobs": None}],
+                           "usage": usage_}
+    if timings_ is not None:
+        out["timings"] = timings_
+    return out
+
+
+def timings(*, queued_s: float, first_token_s: float, image_s: float, prompt_s: float, prompt_n: int,
+            cached_n: int, predicted_s: float, predicted_n: int) -> dict[str, Any]:
+    """Where the request's time went, as llama-server's ``timings`` (milliseconds; ``prompt_n`` the positions
+    decoded, ``cached_n`` those reused), with ours: ``queued_ms`` waiting for a sequence, ``first_token_ms``
+    from arrival to the first token (queue, images and prefill), ``image_ms`` getting the images' features."""
+    return {"queued_ms": 1e3 * queued_s, "first_token_ms": 1e3 * first_token_s, "image_ms": 1e3 * image_s,
+            "prompt_n": prompt_n, "cache_n": cached_n, "prompt_ms": 1e3 * prompt_s,
+            "prompt_per_second": prompt_n / prompt_s if prompt_s > 0 else 0.0,
+            "predicted_n": predicted_n, "predicted_ms": 1e3 * predicted_s,
+            "predicted_per_second": predicted_n / predicted_s if predicted_s > 0 else 0.0}
 
 
 def chunk(cid: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
-          usage_: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One server-sent event's payload; ``delta=None`` gives the usage-only chunk (no choices)."""
+          usage_: dict[str, Any] | None = None, timings_: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One server-sent event's payload; ``delta=None`` gives the usage-only chunk (no choices); the last
+    chunk with choices carries ``timings``."""
     out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                            "choices": [] if delta is None else [{"index": 0, "delta": delta,
                                                                   "finish_reason": finish_reason, "logprobs": None}]}
     if usage_ is not None:
         out["usage"] = usage_
+    if timings_ is not None:
+        out["timings"] = timings_
     return out
 
 

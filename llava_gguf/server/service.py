@@ -20,7 +20,7 @@ from llava_gguf.llm.scheduler import Request
 from llava_gguf.llm.templates import Message, Role, user_text
 from llava_gguf.model import GenerationOptions, LlavaModel
 from llava_gguf.server.images import ImagePolicy, image_bytes
-from llava_gguf.server.protocol import ChatCompletionRequest, RequestError, usage
+from llava_gguf.server.protocol import ChatCompletionRequest, RequestError, timings, usage
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Result:
     text: str
     finish_reason: str
     usage: dict
+    timings: dict | None = None
 
 
 class ChatService:
@@ -146,7 +147,11 @@ class ChatService:
         except LlavaGGUFError as e:
             raise RequestError(500, str(e), kind="server_error") from e
         finish = "length" if outcome.finish_reason == "length" else "stop"
-        return Result(outcome.text, finish, usage(outcome.n_prompt_tokens, outcome.n_generated, outcome.n_cached))
+        o = outcome
+        spent = timings(queued_s=o.wait_s, first_token_s=o.first_token_s, image_s=o.vision_s,
+                        prompt_s=o.prefill_s - o.vision_s, prompt_n=o.n_prompt_tokens - o.n_cached,
+                        cached_n=o.n_cached, predicted_s=o.decode_s, predicted_n=o.n_generated)
+        return Result(o.text, finish, usage(o.n_prompt_tokens, o.n_generated, o.n_cached), spent)
 
 
 def _split_content(content: object, index: int) -> tuple[str, list[str]]:
