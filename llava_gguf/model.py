@@ -296,10 +296,11 @@ class LlavaModel:
         by_key = {p.slot.key: p for p in images}
         return lambda slots: {slot.key: self.cached_features(by_key[slot.key]) for slot in slots}
 
-    def scheduler(self, n_seq: int, *, size: int | None = None) -> Scheduler:
-        """Answers generated together: ``n_seq`` sequences of a context of their own (``llm.scheduler``),
-        with this model's end-of-generation tokens and prompt cache. Close it before the model."""
-        scheduler = Scheduler(self.runtime, n_seq, is_end=self.is_end_of_generation, size=size,
+    def scheduler(self, n_seq: int, *, size: int | None = None, unified: bool | None = None) -> Scheduler:
+        """Answers generated together: ``n_seq`` sequences of a context of their own (``llm.scheduler``; ``size``
+        positions, a stream per sequence or one ``unified`` pool), with this model's end-of-generation tokens
+        and prompt cache. ``model.close()`` closes it if it is still open."""
+        scheduler = Scheduler(self.runtime, n_seq, is_end=self.is_end_of_generation, size=size, unified=unified,
                               prompt_cache=self.prompt_cache)
         self._schedulers.add(scheduler)
         return scheduler

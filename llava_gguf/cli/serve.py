@@ -85,9 +85,10 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
     if not settings.quiet:
         err_console.print(f"serving {name} on http://{shown}:{port}/ (OpenAI API at http://{shown}:{port}/v1)",
                           highlight=False)
-        pool = service.scheduler.stats.pool_positions
-        err_console.print(f"{parallel} request(s) answered together ({why}; --parallel to change), "
-                          f"{pool} context positions shared, up to {service.scheduler.max_request} each",
+        scheduler = service.scheduler
+        room = (f"sharing {scheduler.ctx.size} positions, up to {scheduler.max_request} each" if scheduler.ctx.unified
+                else f"{scheduler.max_request} positions each")
+        err_console.print(f"{parallel} request(s) answered together ({why}; --parallel to change), {room}",
                           highlight=False)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

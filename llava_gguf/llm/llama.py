@@ -159,9 +159,10 @@ class LlamaRuntime:
             raise ModelLoadError(f"llama.cpp could not create a {size}-token context ({e}){hint}") from e
         self.n_past = 0
 
-    def context_params(self, size: int, n_seq: int = 1) -> llama_cpp.llama_context_params:
-        """llama.cpp context parameters for ``size`` positions (shared by ``n_seq`` sequences) with this
-        runtime's threads, batch, KV cache type and flash attention."""
+    def context_params(self, size: int, n_seq: int = 1, unified: bool = True) -> llama_cpp.llama_context_params:
+        """llama.cpp context parameters for ``size`` positions (shared by ``n_seq`` sequences: one pool, or
+        ``size / n_seq`` each when not ``unified``) with this runtime's threads, batch, KV cache type and
+        flash attention."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = size
         params.n_batch = self.options.n_batch
@@ -182,7 +183,7 @@ class LlamaRuntime:
             False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
         }[flash_attn]
         params.n_seq_max = n_seq
-        params.kv_unified = n_seq > 1  # one pool of positions the sequences share
+        params.kv_unified = unified and n_seq > 1  # one pool of positions the sequences share
         return params
 
     def truncate(self, n_keep: int) -> None:

@@ -12,11 +12,14 @@ A thread of its own runs steps. Each step
     ``prefill_chunk`` positions while others answer, so their streams keep flowing during a prefill,
     and ``n_batch`` when no one waits for a token.
 
-Reuse: a request goes to the free sequence holding the longest prefix of it (the conversation's earlier
-turns, KV kept: only the new turn is decoded), else an empty one, else the least recently used; a
-longer prefix saved on disk (``PromptCache``) is restored into it. Each answer is sampled, stopped and
-detokenized as a lone generation (``LlavaModel.generate``) does it, so at temperature 0 on F32 weights
-and an F32 KV cache every answer equals its answer alone.
+Reuse: a request goes to the free sequence whose KV loses least to it (one holding the conversation's
+earlier turns: only the new turn is decoded), else an empty one, else the least recently used; a longer
+prefix another sequence holds (the template's opening, the same image) is taken from it instead of decoded,
+and a longer prefix saved on disk (``PromptCache``) is restored. Each answer is sampled, stopped and
+detokenized as a lone generation (``LlavaModel.generate``) does it. With a stream per sequence (the CPU
+default, ``shared_context``) every answer is bit for bit its answer alone, quantized weights included; in a
+unified pool (the GPU default) its attention rounds differently, so at temperature 0 the answers equal
+their lone answers on F32 weights and an F32 KV cache, and may part from them where two tokens nearly tie.
 """
 
 from __future__ import annotations
@@ -178,14 +181,17 @@ class Scheduler:
     token ends an answer. ``prompt_cache``: prefix states on disk, restored and saved as a lone run does."""
 
     def __init__(self, runtime: LlamaRuntime, n_seq: int, *, is_end: Callable[[int], bool], size: int | None = None,
-                 prompt_cache: PromptCache | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 unified: bool | None = None, prompt_cache: PromptCache | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         if n_seq < 1:
             raise ValueError("n_seq must be at least 1")
         self.runtime, self.n_seq, self.is_end = runtime, n_seq, is_end
         self.prompt_cache = prompt_cache
         self.prefill_chunk = max(1, min(prefill_chunk, runtime.options.n_batch))
-        self.ctx = SharedContext(runtime, n_seq, size or default_pool_size(runtime, n_seq))
-        self.max_request = min(self.ctx.size, runtime.n_ctx_train)
+        if unified is None:  # a stream per sequence (lone answers, bit for bit) on a CPU; one pool on a GPU
+            unified = runtime.options.n_gpu_layers != 0
+        self.ctx = SharedContext(runtime, n_seq, size or default_pool_size(runtime, n_seq, unified), unified)
+        self.max_request = min(self.ctx.per_sequence, runtime.n_ctx_train)
         self.stats = SchedulerStats(n_seq=n_seq, pool_positions=self.ctx.size)
         self._slots = [_Slot(s) for s in range(n_seq)]
         self._waiting: deque[Ticket] = deque()
@@ -312,7 +318,11 @@ class Scheduler:
 
     def _make_room(self, reserve: int, chosen: _Slot) -> bool:
         """Whether ``reserve`` positions fit beside the running reservations, after idle sequences other than
-        ``chosen`` gave theirs back (least recently used first) if needed."""
+        ``chosen`` gave theirs back (least recently used first) if needed. Streams: each sequence has its own
+        room, and ``submit`` checked that the request fits one."""
+        if not self.ctx.unified:
+            return True
+
         def used() -> int:
             return sum(r.reserve for r in self._running) + sum(s.n_pos for s in self._slots
                                                                 if not s.busy and s is not chosen)
@@ -342,48 +352,22 @@ class Scheduler:
                 self._prepare(newcomer)
                 prefiller = newcomer if newcomer.prepared and newcomer.prefilling else None
         answering = [r for r in self._running if r.next_token is not None]
-        entries = [TokenEntry(r.slot.seq, r.pos, r.next_token, True) for r in answering]  # type: ignore[arg-type]
-        budget = self.prefill_chunk if answering else self.runtime.options.n_batch
-        rows: np.ndarray | None = None
-        n_prompt = 0
-        if prefiller is not None:
-            item = prefiller.items[prefiller.next_item]
-            if isinstance(item, ImageSlot):
-                rows = prefiller.features[item.key][prefiller.offset : prefiller.offset + budget]  # [<= budget, n_embd]
-                n_prompt = len(rows)
-            else:
-                run = self._token_run(prefiller)[: min(budget, self.runtime.options.n_batch - len(entries))]
-                last = prefiller.next_item + len(run) == len(prefiller.items)
-                entries += [TokenEntry(prefiller.slot.seq, prefiller.pos + i, t, last and i == len(run) - 1)
-                            for i, t in enumerate(run)]
-                n_prompt = len(run)
-        if not entries and rows is None:
-            return
-        start = time.perf_counter()
-        logits: dict[int, np.ndarray] = {}
-        if entries:
-            try:
-                logits = self.ctx.decode_tokens(entries)
-            except LlavaGGUFError as e:
-                for running in [*answering, *([prefiller] if prefiller and rows is None else [])]:
-                    self._end(running, error=e, lost=True)
-                return
-        prompt_logits = None
-        if rows is not None:
-            assert prefiller is not None
-            item = prefiller.items[prefiller.next_item]
-            done = prefiller.offset + len(rows) == item.n_tokens  # type: ignore[union-attr]
-            try:
-                prompt_logits = self.ctx.decode_embeddings(
-                    prefiller.slot.seq, prefiller.pos, rows, done and prefiller.next_item + 1 == len(prefiller.items))
-            except LlavaGGUFError as e:
-                self._end(prefiller, error=e, lost=True)
-                prefiller = None
-        elapsed = time.perf_counter() - start
         if answering:
-            self.stats.decode_s += elapsed
-        if n_prompt:
-            self.stats.prefill_s += elapsed if not answering else elapsed * n_prompt / (n_prompt + len(answering))
+            self._decode_answers(answering)
+        if prefiller is not None and prefiller in self._running:
+            self._prefill_chunk(prefiller, self.prefill_chunk if answering else self.runtime.options.n_batch)
+
+    def _decode_answers(self, answering: list[_Running]) -> None:
+        """One token of every answering sequence, in one ``llama_decode``; then each samples its next."""
+        entries = [TokenEntry(r.slot.seq, r.pos, r.next_token, True) for r in answering]  # type: ignore[arg-type]
+        start = time.perf_counter()
+        try:
+            logits = self.ctx.decode_tokens(entries)
+        except LlavaGGUFError as e:
+            for running in answering:
+                self._end(running, error=e, lost=True)
+            return
+        self.stats.decode_s += time.perf_counter() - start
         for i, running in enumerate(answering):
             token = running.next_token
             assert token is not None
@@ -392,11 +376,31 @@ class Scheduler:
             running.slot.cached.append(token)
             running.slot.n_pos = running.pos
             self._take(running, logits[i])
-        if prefiller is not None and n_prompt:
-            self.stats.prompt_tokens_decoded += n_prompt
-            if rows is None:
-                prompt_logits = logits.get(len(entries) - 1)
-            self._advance(prefiller, n_prompt, prompt_logits)
+
+    def _prefill_chunk(self, running: _Running, budget: int) -> None:
+        """Up to ``budget`` more positions of a newcomer's prompt (text tokens or an image's rows: one sequence
+        per ``llama_decode``, so its batches are those of a lone prefill, cut smaller)."""
+        item = running.items[running.next_item]
+        start = time.perf_counter()
+        try:
+            if isinstance(item, ImageSlot):
+                rows = running.features[item.key][running.offset : running.offset + budget]  # [<= budget, n_embd]
+                n = len(rows)
+                last = running.offset + n == item.n_tokens and running.next_item + 1 == len(running.items)
+                logits = self.ctx.decode_embeddings(running.slot.seq, running.pos, rows, last)
+            else:
+                run = self._token_run(running)[:budget]
+                n = len(run)
+                last = running.next_item + n == len(running.items)
+                entries = [TokenEntry(running.slot.seq, running.pos + i, t, last and i == n - 1)
+                           for i, t in enumerate(run)]
+                logits = self.ctx.decode_tokens(entries).get(n - 1)
+        except LlavaGGUFError as e:
+            self._end(running, error=e, lost=True)
+            return
+        self.stats.prefill_s += time.perf_counter() - start
+        self.stats.prompt_tokens_decoded += n
+        self._advance(running, n, logits)
 
     def _token_run(self, running: _Running) -> list[int]:
         """The prompt's text tokens from the next item up to the next image."""
@@ -411,7 +415,9 @@ class Scheduler:
         """Restore a longer prefix from disk, forget what the sequence holds past the kept prefix, and get the
         features of the images still to decode."""
         slot, items = running.slot, running.items
-        cache = self.prompt_cache
+        # llama.cpp writes and reads one sequence's state with the number of streams of its context ("n_stream
+        # mismatch" between a lone context and one of several streams): only a pool shares the prompt cache
+        cache = self.prompt_cache if self.ctx.unified else None
         hit = cache.find(items, longer_than=running.keep) if cache is not None else None
         if hit is not None and hit.n_items < len(items):
             assert cache is not None
@@ -570,23 +576,29 @@ def available_memory() -> int | None:
         return None
 
 
-def default_pool_size(runtime: LlamaRuntime, n_seq: int) -> int:
-    """Positions for ``n_seq`` sequences: each gets the context size asked for (``-c``) or up to 4096 (the
-    model's trained context if smaller), the whole at most a quarter of the memory available (CPU), but
-    never less than one sequence's share."""
-    per_sequence = runtime.options.n_ctx or min(runtime.n_ctx_train, DEFAULT_SEQUENCE_POSITIONS)
-    size = n_seq * per_sequence
+def default_pool_size(runtime: LlamaRuntime, n_seq: int, unified: bool) -> int:
+    """Positions for ``n_seq`` sequences. With ``-c`` given, each sequence gets that many. Otherwise each may use
+    up to 4096 (the model's trained context if smaller): with a stream per sequence (a CPU) the context holds
+    ``n_seq`` of them, within a quarter of the memory available (a sequence keeps at least 2048); a unified
+    pool (GPU offload, whose free memory is not known here) holds one sequence's worth, which the sequences
+    share as llama-server's unified cache does; ``-c`` asks for more."""
+    if runtime.options.n_ctx is not None:
+        return n_seq * runtime.options.n_ctx
+    per_sequence = min(runtime.n_ctx_train, DEFAULT_SEQUENCE_POSITIONS)
+    if unified:
+        return per_sequence
     memory = available_memory()
-    if runtime.options.n_ctx is None and runtime.options.n_gpu_layers == 0 and memory:
-        size = min(size, memory // KV_MEMORY_SHARE // max(1, kv_bytes_per_position(runtime)))
-    return max(per_sequence, size)
+    if memory:
+        affordable = memory // KV_MEMORY_SHARE // max(1, kv_bytes_per_position(runtime)) // n_seq
+        per_sequence = min(per_sequence, max(affordable, min(runtime.n_ctx_train, 2048)))
+    return n_seq * per_sequence
 
 
 def default_sequences(n_gpu_layers: int, cpu_count: int | None = None) -> tuple[int, str]:
     """How many sequences to answer together when not asked, and why (said at the server's start)."""
     if n_gpu_layers != 0:
-        return 8, "the GPU decodes a batch for little more than one sequence"
+        return 8, "GPU offload: a GPU decodes 8 answers together for little more than one; they share one pool"
     cores = cpu_count or os.cpu_count() or 1
     if cores < 2:
         return 1, "one core"
-    return 4, f"decoding is memory-bound on a CPU ({cores} cores): 4 answers together cost little more than one"
+    return 4, f"a CPU ({cores} cores): each step reads the weights once for all its answers"

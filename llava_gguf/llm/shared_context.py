@@ -1,8 +1,14 @@
-"""One llama.cpp context whose KV cache several sequences share (a unified pool of positions): decode a
-batch of (sequence, position, token id) entries or a run of one sequence's embedding rows, read the
-logits of the entries that asked for them, forget a sequence's positions, share a prefix of one
-sequence with another (the cells, not a copy), and save or restore one sequence's KV state (the prompt
-cache's entries)."""
+"""One llama.cpp context of several sequences: decode a batch of (sequence, position, token id) entries or a
+run of one sequence's embedding rows, read the logits of the entries that asked for them, forget a
+sequence's positions, give one sequence another's prefix, and save or restore one sequence's KV state (the
+prompt cache's entries).
+
+Two layouts. ``unified``: one pool of positions the sequences share, cells anywhere (flexible, small; a
+sequence's cells interleave with the others', so its attention sums run in another order than alone and
+round differently). Otherwise each sequence has a stream of ``size / n_seq`` positions of its own, laid
+out as a lone context lays it out, so its logits are bit for bit a lone run's (llama.cpp's CPU kernels
+compute each token's row the same in any batch).
+"""
 
 from __future__ import annotations
 
@@ -28,16 +34,18 @@ class TokenEntry:
 class SharedContext:
     """``n_seq`` sequences over a pool of ``size`` positions of ``runtime``'s model (a context of its own)."""
 
-    def __init__(self, runtime: LlamaRuntime, n_seq: int, size: int) -> None:
+    def __init__(self, runtime: LlamaRuntime, n_seq: int, size: int, unified: bool = True) -> None:
         self.runtime, self.n_seq = runtime, n_seq
         self.n_batch = runtime.options.n_batch
         try:
-            self._ctx = _internals.LlamaContext(model=runtime.model, params=runtime.context_params(size, n_seq),
+            self._ctx = _internals.LlamaContext(model=runtime.model, params=runtime.context_params(size, n_seq, unified),
                                                 verbose=False)
         except (ValueError, RuntimeError) as e:
             raise ModelLoadError(f"llama.cpp could not create a {size}-position context for {n_seq} sequences "
                                  f"({e}); use a smaller --parallel or context size") from e
+        self.unified = unified or n_seq == 1
         self.size = self._ctx.n_ctx()
+        self.per_sequence = self.size if self.unified else self.size // n_seq  # positions one sequence may hold
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._tokens = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._embd = llama_cpp.llama_batch_init(self.n_batch, runtime.n_embd, 1)
@@ -103,8 +111,14 @@ class SharedContext:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1)
 
     def share(self, source: int, target: int, n_positions: int) -> None:
-        """Give sequence ``target`` (empty) the first ``n_positions`` of ``source``: the cells are shared."""
-        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, n_positions)
+        """Give sequence ``target`` (empty) the first ``n_positions`` of ``source``: in a unified pool the cells
+        are shared; between streams the whole stream is copied (at the next decode, cell for cell, so the
+        layout stays a lone run's) and the rest forgotten."""
+        if self.unified:
+            llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, n_positions)
+        else:
+            llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+            self.forget(target, n_positions)
 
     def n_positions(self, seq: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq)) + 1
