@@ -189,7 +189,7 @@ def test_prompt_cache_is_restored_into_a_sequence(f32_pair, tmp_path: Path) -> N
 
 
 def test_a_request_beyond_a_sequence_is_refused(model: LlavaModel) -> None:
-    streams = model.scheduler(2, size=512)  # 256 positions each
+    streams = model.scheduler(2, size=512, unified=False)  # 256 positions each
     try:
         assert streams.max_request == 256
         with pytest.raises(ContextOverflowError, match="context holds at most 256"):
@@ -247,3 +247,26 @@ def test_a_shared_image_is_prefilled_once(model: LlavaModel) -> None:
     assert [(o.text, o.tokens) for o in outcomes] == expected
     image_end = next(i + 1 for i, item in enumerate(turn.items) if isinstance(item, ImageSlot))
     assert outcomes[1].n_reused >= sequence_length(turn.items[:image_end])
+
+
+def test_a_queued_request_cancelled_leaves_at_once_and_odd_seeds_are_no_harm(model: LlavaModel) -> None:
+    """A request cancelled while it waits behind others ends at the next step, wherever it is in the queue; a seed
+    of -1 (llama.cpp's "random") samples at random instead of failing the others."""
+    scheduler = model.scheduler(1)
+    try:
+        answering = threading.Event()
+        long = submit(model, scheduler, "Describe it.", [(64, 64)], greedy(2000),
+                      on_piece=lambda piece: answering.set())
+        assert answering.wait(timeout=120)
+        second = submit(model, scheduler, "Hello there.", [], greedy(4))
+        cancel = threading.Event()
+        third = submit(model, scheduler, "What is in the picture?", [(40, 30)], greedy(4), cancel=cancel)
+        cancel.set()
+        assert third.wait(timeout=30).finish_reason == "cancelled" and not long.done and not second.done
+        random = GenerationOptions(6, sampling=SamplingOptions(temperature=1.0, seed=-1))
+        fourth = submit(model, scheduler, "Hello there.", [], random)
+        long.cancel()
+        assert second.wait(timeout=300).text == alone(model, "Hello there.", [], greedy(4))[0]
+        assert len(fourth.wait(timeout=300).tokens) <= 6 and scheduler.stats.failed == 0
+    finally:
+        scheduler.close()

@@ -62,9 +62,9 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
-def parallel(tiny) -> Iterator[RunningServer]:  # noqa: F811
-    running = RunningServer(make_service(tiny, parallel=4, max_queue=8))
+@pytest.fixture(params=[False, True], ids=["pool", "kv-streams"])
+def parallel(request, tiny) -> Iterator[RunningServer]:  # noqa: F811
+    running = RunningServer(make_service(tiny, parallel=4, max_queue=8, kv_streams=request.param))
     yield running
     running.stop()
 

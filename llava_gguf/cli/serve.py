@@ -29,6 +29,10 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--parallel", type=click.IntRange(1, 256), default=None,
               help="Requests answered together, as sequences of one context [default: from the hardware: 4 on a "
                    "CPU, 8 with GPU offload]. -c is each sequence's context.")
+@click.option("--kv-streams", is_flag=True,
+              help="Give each sequence a KV stream of its own, laid out as a lone request's: quantized models' "
+                   "answers part from their lone answers less often, decoding together is slower, and the prompt "
+                   "cache on disk is not used.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=4, show_default=True,
               help="Requests waiting for a sequence beyond the --parallel answering; more get 429.")
 @click.option("--max-images", type=click.IntRange(min=1), default=8, show_default=True,
@@ -41,8 +45,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @run_options
 @click.pass_obj
 def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: bool, cors_origins: tuple[str, ...],
-          allow_remote_images: bool, allowed_dirs: tuple[Path, ...], parallel: int | None, max_queue: int,
-          max_images: int,
+          allow_remote_images: bool, allowed_dirs: tuple[Path, ...], parallel: int | None, kv_streams: bool,
+          max_queue: int, max_images: int,
           max_image_mb: float, max_image_pixels: int, max_body_mb: float, settings: RunSettings) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web page (/).
 
@@ -78,7 +82,8 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
         else:
             why = "as asked"
         service = ChatService(model, ServiceOptions(name=name, parallel=parallel, max_queue=max_queue,
-                                                    images=policy, defaults=settings.generation_options()))
+                                                    kv_streams=kv_streams, images=policy,
+                                                    defaults=settings.generation_options()))
         app = create_app(service, AppOptions(api_key=api_key, cors_origins=cors_origins,
                                              max_body_bytes=int(max_body_mb * 2**20)))
     shown = f"[{host}]" if ":" in host else host

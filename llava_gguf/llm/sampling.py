@@ -31,7 +31,8 @@ class Sampler:
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.options.seed)
+        seed = self.options.seed
+        self.rng = np.random.default_rng(seed if seed is None or seed >= 0 else None)  # -1: random (llama.cpp's)
 
     def sample(self, logits: np.ndarray, history: list[int]) -> int:
         o = self.options

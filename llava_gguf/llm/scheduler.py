@@ -2,24 +2,25 @@
 
 A thread of its own runs steps. Each step
   - admits waiting requests into free sequences (a request's reservation, its prompt and ``max_tokens``,
-    must fit the pool of positions; the sequences idle with a kept prefix give theirs back, least recently
-    used first, when a newcomer needs the room),
+    must fit a sequence's stream, or in a unified pool beside the others', where sequences idle with a
+    kept prefix give theirs back, least recently used first, when a newcomer needs the room),
   - drops requests whose ``cancel`` is set (a client that went away): their sequence is free this step,
   - prepares the next newcomer once the last one is prefilled (its images' features, on this thread, so
     the vision encoder never competes with the LLM for the cores; first come, first answered),
-  - decodes one token of every answering sequence in one ``llama_decode``, with a chunk of one
-    newcomer's prompt: text tokens in the same batch, image rows in a second call. Chunks are
-    ``prefill_chunk`` positions while others answer, so their streams keep flowing during a prefill,
-    and ``n_batch`` when no one waits for a token.
+  - decodes one token of every answering sequence in one ``llama_decode``, then a chunk of one
+    newcomer's prompt (text tokens or image rows) in a call of its own, so its batches are a lone
+    prefill's, cut smaller. Chunks are ``prefill_chunk`` positions while others answer, so their streams
+    keep flowing during a prefill, and ``n_batch`` when no one waits for a token.
 
 Reuse: a request goes to the free sequence whose KV loses least to it (one holding the conversation's
 earlier turns: only the new turn is decoded), else an empty one, else the least recently used; a longer
 prefix another sequence holds (the template's opening, the same image) is taken from it instead of decoded,
-and a longer prefix saved on disk (``PromptCache``) is restored. Each answer is sampled, stopped and
-detokenized as a lone generation (``LlavaModel.generate``) does it. With a stream per sequence (the CPU
-default, ``shared_context``) every answer is bit for bit its answer alone, quantized weights included; in a
-unified pool (the GPU default) its attention rounds differently, so at temperature 0 the answers equal
-their lone answers on F32 weights and an F32 KV cache, and may part from them where two tokens nearly tie.
+and (in a unified pool) a longer prefix saved on disk (``PromptCache``) is restored. Each answer is
+sampled, stopped and detokenized as a lone generation (``LlavaModel.generate``) does it, so at temperature
+0 on F32 weights and an F32 KV cache every answer equals its answer alone (tested). On quantized weights a
+stream per sequence (the CPU default, ``shared_context``) keeps the attention's order a lone run's, and
+answers equal their lone answers but where two tokens nearly tie (measured in the README); a unified pool
+(the default: it decodes several answers faster) parts from them more often.
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ class Scheduler:
         self.runtime, self.n_seq, self.is_end = runtime, n_seq, is_end
         self.prompt_cache = prompt_cache
         self.prefill_chunk = max(1, min(prefill_chunk, runtime.options.n_batch))
-        if unified is None:  # a stream per sequence (lone answers, bit for bit) on a CPU; one pool on a GPU
-            unified = runtime.options.n_gpu_layers != 0
+        if unified is None:
+            unified = True  # decodes several answers faster than streams (measured); the prompt cache works with it
         self.ctx = SharedContext(runtime, n_seq, size or default_pool_size(runtime, n_seq, unified), unified)
         self.max_request = min(self.ctx.per_sequence, runtime.n_ctx_train)
         self.stats = SchedulerStats(n_seq=n_seq, pool_positions=self.ctx.size)
@@ -197,14 +198,16 @@ class Scheduler:
         self._waiting: deque[Ticket] = deque()
         self._running: list[_Running] = []  # in order of admission
         self._cond = threading.Condition()
-        self._closed = False
+        self._closed = False  # the thread stops at its next step
+        self._closing = False  # close() was called (once)
         self._thread = threading.Thread(target=self._loop, name="llava-gguf-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ public
 
     def submit(self, request: Request, on_done: Callable[[Ticket], None] | None = None) -> Ticket:
-        """Queue ``request``; ``on_done(ticket)`` is called (on the scheduler's thread) when it ends."""
+        """Queue ``request``; ``on_done(ticket)`` is called when it ends (on the scheduler's thread, or on the
+        thread that closes the scheduler)."""
         ticket = Ticket(request, on_done)
         need = ticket.outcome.n_prompt_tokens + request.options.max_tokens
         if need > self.max_request:
@@ -222,18 +225,20 @@ class Scheduler:
     def close(self) -> None:
         """Stop the thread (the requests not answered get an error) and free the context; once is enough."""
         with self._cond:
-            if self._closed and not self._thread.is_alive() and self.ctx is None:
+            if self._closing:
                 return
-            self._closed = True
+            self._closing = self._closed = True
             self._cond.notify()
-        self._thread.join()
-        for ticket in [*self._waiting, *(r.ticket for r in self._running)]:
-            ticket._finish(LlavaGGUFError("the server is shutting down"))
-        self._waiting.clear()
-        self._running.clear()
-        if self.ctx is not None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        with self._cond:
+            left = [*self._waiting, *(r.ticket for r in self._running)]
+            self._waiting.clear()
+            self._running.clear()
+        for ticket in left:
+            ticket._finish(LlavaGGUFError("the scheduler was closed before the answer"))
+        if threading.current_thread() is not self._thread:
             self.ctx.close()
-            self.ctx = None  # type: ignore[assignment]
 
     def cached_prefixes(self) -> list[list[Item]]:
         """What each sequence's KV holds (for tests and diagnostics)."""
@@ -254,24 +259,27 @@ class Scheduler:
                 self._step()
             except Exception as e:  # noqa: BLE001  a bug must not stop the others' answers forever
                 log.exception("scheduler step failed")
-                error = LlavaGGUFError(f"unexpected {type(e).__name__}: {e}")
                 for running in list(self._running):
-                    self._end(running, error=error, lost=True)
+                    self._end(running, error=LlavaGGUFError(f"unexpected {type(e).__name__}: {e}"), lost=True)
                 with self._cond:
                     failed, self._waiting = list(self._waiting), deque()
+                    self.stats.waiting = 0
+                for slot in self._slots:  # none is busy without a running request
+                    slot.busy = False
+                self.stats.failed += len(failed)
                 for ticket in failed:
-                    ticket._finish(error)
+                    ticket._finish(LlavaGGUFError(f"unexpected {type(e).__name__}: {e}"))
 
     def _admit(self) -> None:
-        """Waiting requests, first come first served, into free sequences while their reservations fit."""
+        """Waiting requests, first come first served, into free sequences while their reservations fit; cancelled
+        ones leave the queue wherever they are."""
+        for ticket in [t for t in self._waiting if t.request.cancel.is_set()]:
+            self._waiting.remove(ticket)
+            ticket.outcome.finish_reason = "cancelled"
+            self.stats.cancelled += 1
+            ticket._finish()
         while self._waiting:
             ticket = self._waiting[0]
-            if ticket.request.cancel.is_set():
-                self._waiting.popleft()
-                ticket.outcome.finish_reason = "cancelled"
-                self.stats.cancelled += 1
-                ticket._finish()
-                continue
             free = [slot for slot in self._slots if not slot.busy]
             if not free:
                 break
@@ -281,12 +289,19 @@ class Scheduler:
             if not self._make_room(reserve, slot):
                 break  # the running answers need the pool: wait for one to end
             self._waiting.popleft()
-            # the last position's logits are needed: it is decoded again when the sequence holds it all
-            keep = min(self._shared_prefix(slot, items), len(items) - 1)
+            try:
+                # the last position's logits are needed: it is decoded again when the sequence holds it all
+                keep = min(self._shared_prefix(slot, items), len(items) - 1)
+                running = _Running(ticket, slot, keep, reserve)
+            except Exception as e:  # noqa: BLE001  this request fails, the others go on
+                log.exception("admitting a request failed")
+                self._empty(slot)
+                self.stats.failed += 1
+                ticket._finish(LlavaGGUFError(f"could not start the answer: {type(e).__name__}: {e}"))
+                continue
             slot.busy = True
             slot.cached, slot.n_pos = list(items[:keep]), sequence_length(items[:keep])
             self.ctx.forget(slot.seq, slot.n_pos)  # the pool gets back what the request does not reuse
-            running = _Running(ticket, slot, keep, reserve)
             ticket.outcome.wait_s = running.admitted - ticket.submitted
             self._running.append(running)
         self.stats.waiting = len(self._waiting)
@@ -375,7 +390,11 @@ class Scheduler:
             running.pos += 1
             running.slot.cached.append(token)
             running.slot.n_pos = running.pos
-            self._take(running, logits[i])
+            try:
+                self._take(running, logits[i])
+            except Exception as e:  # noqa: BLE001  this answer fails, the others go on
+                log.exception("sampling an answer failed")
+                self._end(running, error=LlavaGGUFError(f"unexpected {type(e).__name__}: {e}"))
 
     def _prefill_chunk(self, running: _Running, budget: int) -> None:
         """Up to ``budget`` more positions of a newcomer's prompt (text tokens or an image's rows: one sequence
@@ -400,7 +419,11 @@ class Scheduler:
             return
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prompt_tokens_decoded += n
-        self._advance(running, n, logits)
+        try:
+            self._advance(running, n, logits)
+        except Exception as e:  # noqa: BLE001  this answer fails, the others go on
+            log.exception("starting an answer failed")
+            self._end(running, error=LlavaGGUFError(f"unexpected {type(e).__name__}: {e}"), lost=True)
 
     def _token_run(self, running: _Running) -> list[int]:
         """The prompt's text tokens from the next item up to the next image."""
@@ -578,26 +601,27 @@ def available_memory() -> int | None:
 
 def default_pool_size(runtime: LlamaRuntime, n_seq: int, unified: bool) -> int:
     """Positions for ``n_seq`` sequences. With ``-c`` given, each sequence gets that many. Otherwise each may use
-    up to 4096 (the model's trained context if smaller): with a stream per sequence (a CPU) the context holds
-    ``n_seq`` of them, within a quarter of the memory available (a sequence keeps at least 2048); a unified
-    pool (GPU offload, whose free memory is not known here) holds one sequence's worth, which the sequences
-    share as llama-server's unified cache does; ``-c`` asks for more."""
+    up to 4096 (the model's trained context if smaller): on a CPU the context holds ``n_seq`` of them, within a
+    quarter of the memory available (never less than one sequence's worth, or 2048 per stream); with GPU
+    offload (whose free memory is not known here) a unified pool holds one sequence's worth, which the
+    sequences share as llama-server's unified cache does, and ``-c`` asks for more."""
     if runtime.options.n_ctx is not None:
         return n_seq * runtime.options.n_ctx
     per_sequence = min(runtime.n_ctx_train, DEFAULT_SEQUENCE_POSITIONS)
-    if unified:
+    if unified and runtime.options.n_gpu_layers != 0:
         return per_sequence
+    size = n_seq * per_sequence
     memory = available_memory()
     if memory:
-        affordable = memory // KV_MEMORY_SHARE // max(1, kv_bytes_per_position(runtime)) // n_seq
-        per_sequence = min(per_sequence, max(affordable, min(runtime.n_ctx_train, 2048)))
-    return n_seq * per_sequence
+        size = min(size, memory // KV_MEMORY_SHARE // max(1, kv_bytes_per_position(runtime)))
+    floor = per_sequence if unified else n_seq * min(per_sequence, 2048)
+    return max(floor, size)
 
 
 def default_sequences(n_gpu_layers: int, cpu_count: int | None = None) -> tuple[int, str]:
     """How many sequences to answer together when not asked, and why (said at the server's start)."""
     if n_gpu_layers != 0:
-        return 8, "GPU offload: a GPU decodes 8 answers together for little more than one; they share one pool"
+        return 8, "GPU offload: a GPU decodes 8 answers together for little more than one"
     cores = cpu_count or os.cpu_count() or 1
     if cores < 2:
         return 1, "one core"

@@ -6,8 +6,8 @@ prompt cache's entries).
 Two layouts. ``unified``: one pool of positions the sequences share, cells anywhere (flexible, small; a
 sequence's cells interleave with the others', so its attention sums run in another order than alone and
 round differently). Otherwise each sequence has a stream of ``size / n_seq`` positions of its own, laid
-out as a lone context lays it out, so its logits are bit for bit a lone run's (llama.cpp's CPU kernels
-compute each token's row the same in any batch).
+out as a lone context lays it out, so its attention sums run in a lone run's order (llama.cpp's CPU
+kernels compute a text token's logits bit for bit alike in a batch of several streams; measured).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals
 
-from llava_gguf.errors import ContextOverflowError, ModelLoadError
+from llava_gguf.errors import ContextOverflowError, LlavaGGUFError, ModelLoadError
 from llava_gguf.llm.llama import LlamaRuntime
 
 
@@ -100,9 +100,10 @@ class SharedContext:
 
     def _decode(self, batch: llama_cpp.llama_batch) -> None:
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status == 1:
+            raise ContextOverflowError(f"llama.cpp found no room for the batch in the {self.size}-position context")
         if status != 0:
-            raise ContextOverflowError(f"llama.cpp could not decode the batch (status {status}): no room left in "
-                                       f"the {self.size}-position context")
+            raise LlavaGGUFError(f"llama.cpp could not decode the batch (status {status})")
 
     # ------------------------------------------------------------------ sequences
 

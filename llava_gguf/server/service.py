@@ -28,7 +28,8 @@ class ServiceOptions:
     name: str  # the model id clients name
     parallel: int = 1  # answers generated together (sequences of one llama.cpp context)
     max_queue: int = 4  # requests waiting beyond the ``parallel`` answering; more get 429
-    pool_positions: int | None = None  # positions the sequences share (None: ``scheduler.default_pool_size``)
+    pool_positions: int | None = None  # positions of the sequences (None: ``scheduler.default_pool_size``)
+    kv_streams: bool = False  # a KV stream per sequence instead of one pool (``llm/shared_context.py``)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     # what a request leaves out (temperature 0.2 as `ask` and LLaVA's own CLI, 512 tokens)
     defaults: GenerationOptions = GenerationOptions(sampling=SamplingOptions(temperature=0.2))
@@ -57,7 +58,7 @@ class ChatService:
     def __init__(self, model: LlavaModel, options: ServiceOptions) -> None:
         self.model = model
         self.options = options
-        self.scheduler = model.scheduler(options.parallel, size=options.pool_positions)
+        self.scheduler = model.scheduler(options.parallel, size=options.pool_positions, unified=not options.kv_streams)
         self._preparing = threading.Lock()  # the tokenizer and template, one request at a time
         self._admitted = 0
         self.rejected = 0
