@@ -63,9 +63,10 @@ def context_needed(mmproj: Path, image_sizes_hw: Sequence[tuple[int, int]], max_
 
 
 def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_cache_type: KVCacheType,
-                    n_tiles: int = 5, vision_cache_bytes: int = DEFAULT_CACHE_BYTES) -> MemoryEstimate:
-    """What loading and running the pair needs. ``n_ctx=None``: the model's trained context;
-    ``vision_cache_bytes``: the NumPy encoder's cache of converted weights (0 with low memory)."""
+                    n_tiles: int = 5, vision_cache_bytes: int = DEFAULT_CACHE_BYTES, n_seq: int = 1) -> MemoryEstimate:
+    """What loading and running the pair needs. ``n_ctx=None``: the model's trained context; ``n_seq``: sequences
+    of ``n_ctx`` positions each (a server's); ``vision_cache_bytes``: the NumPy encoder's cache of converted
+    weights (0 with low memory)."""
     llm = GGUFFields(read_gguf(llm_path))
     arch = llm.get(gguf.Keys.General.ARCHITECTURE)
     key = lambda k: k.format(arch=arch)  # noqa: E731
@@ -75,6 +76,7 @@ def estimate_memory(llm_path: Path, mmproj_path: Path, *, n_ctx: int | None, kv_
     n_head_kv = int(llm.get(key(gguf.Keys.Attention.HEAD_COUNT_KV)) or n_head)
     ctx = min(n_ctx, int(llm.get(key(gguf.Keys.LLM.CONTEXT_LENGTH)) or n_ctx)) if n_ctx else int(
         llm.get(key(gguf.Keys.LLM.CONTEXT_LENGTH)) or 4096)
+    ctx *= n_seq
     n_embd_kv = n_embd * n_head_kv // n_head
     kv = int(2 * n_layer * ctx * n_embd_kv * _KV_BYTES[kv_cache_type])
 

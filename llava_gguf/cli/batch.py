@@ -94,8 +94,11 @@ def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...
                                                            address=None if ray_address == "local" else ray_address))
         else:
             from llava_gguf.batch import run_batch
+            from llava_gguf.llm.scheduler import DEFAULT_SEQUENCE_POSITIONS
 
-            model = load_model(settings, quiet=quiet, n_ctx_hint=lambda files: None)
+            # --parallel: the scheduler's sequences, up to 4096 positions each (scheduler.default_pool_size)
+            model = load_model(settings, quiet=quiet, n_seq=parallel,
+                               n_ctx_hint=lambda files: None if parallel == 1 else DEFAULT_SEQUENCE_POSITIONS)
             answered = run_batch(model, todo, options, parallel=parallel)
         rows = itertools.chain(plan.copied, answered)
         total = len(todo) + len(plan.copied)

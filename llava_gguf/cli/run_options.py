@@ -153,12 +153,14 @@ def run_options(f: F) -> F:
         wrapper = option(wrapper)
     return wrapper  # type: ignore[return-value]
 
-def report_memory(files: ModelFiles, settings: RunSettings, n_ctx: int | None) -> None:
+def report_memory(files: ModelFiles, settings: RunSettings, n_ctx: int | None, n_seq: int = 1) -> None:
     kv = KVCacheType(settings.runtime_options().llama.kv_cache_type)
-    m = estimate_memory(files.llm, files.mmproj, n_ctx=n_ctx, kv_cache_type=kv,
+    m = estimate_memory(files.llm, files.mmproj, n_ctx=n_ctx, kv_cache_type=kv, n_seq=n_seq,
                         vision_cache_bytes=0 if settings.low_memory else DEFAULT_CACHE_BYTES)
+    sequences = f" for {n_seq} sequences" if n_seq > 1 else ""
     line = (f"memory estimate {human(m.total)}: weights {human(m.weights)}, KV cache {human(m.kv_cache)} "
-            f"({'up to ' if n_ctx is None else ''}{m.n_ctx} positions, {kv.value}), vision encoder {human(m.vision)}")
+            f"({'up to ' if n_ctx is None else ''}{m.n_ctx} positions{sequences}, {kv.value}), "
+            f"vision encoder {human(m.vision)}")
     if m.available is not None:
         line += f"; {human(m.available)} available"
     if settings.n_gpu_layers:
@@ -175,8 +177,10 @@ def report_memory(files: ModelFiles, settings: RunSettings, n_ctx: int | None) -
         err_console.print(line, style="dim", highlight=False, soft_wrap=True)
 
 
-def load_model(settings: RunSettings, *, quiet: bool, n_ctx_hint: Callable[[ModelFiles], int | None]) -> LlavaModel:
-    """Find (download, convert) the model, tell what it needs, load it."""
+def load_model(settings: RunSettings, *, quiet: bool, n_ctx_hint: Callable[[ModelFiles], int | None],
+               n_seq: int = 1) -> LlavaModel:
+    """Find (download, convert) the model, tell what it needs, load it. ``n_ctx_hint``: the positions a request
+    needs when ``-c`` does not say; ``n_seq``: sequences of that many positions (a server's)."""
     request = settings.model_request()
     if request.model is None and request.llm is None:
         raise click.UsageError(f"no model: pass -m MODEL (or --llm and --mmproj), or set {MODEL_ENV}")
@@ -189,7 +193,7 @@ def load_model(settings: RunSettings, *, quiet: bool, n_ctx_hint: Callable[[Mode
     with transfer_progress(quiet) as progress:
         files = resolve_model(request, conversion_progress(progress), event)
     if not quiet:
-        report_memory(files, settings, settings.ctx_size or n_ctx_hint(files))
+        report_memory(files, settings, settings.ctx_size or n_ctx_hint(files), n_seq)
     model = LlavaModel(files.llm, files.mmproj, settings.runtime_options(), template_hint=files.template_hint)
     if not quiet:
         if model.inference_note:  # files made by other tools: what was inferred, in one line

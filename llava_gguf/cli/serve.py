@@ -60,7 +60,7 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
     """
     import uvicorn
 
-    from llava_gguf.llm.scheduler import default_sequences
+    from llava_gguf.llm.scheduler import DEFAULT_SEQUENCE_POSITIONS, default_sequences
     from llava_gguf.server.app import AppOptions, create_app
     from llava_gguf.server.images import ImagePolicy
     from llava_gguf.server.service import ChatService, ServiceOptions
@@ -70,17 +70,21 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
     if no_auth and host not in _LOOPBACK:
         err_console.print(f"[yellow]warning:[/] listening on {host} without an API key: anyone who reaches the port "
                           "can use the model", highlight=False)
+    if parallel is None:
+        parallel, why = default_sequences(settings.n_gpu_layers, settings.threads)
+    else:
+        why = "as asked"
+
     with reported_errors(state):
-        model = load_model(settings, quiet=settings.quiet, n_ctx_hint=lambda files: None)
+        # what default_pool_size gives before its memory cap: each sequence up to 4096 positions (one pool's
+        # worth shared with GPU offload)
+        pooled = bool(settings.n_gpu_layers) and not kv_streams and not settings.ctx_size
+        model = load_model(settings, quiet=settings.quiet, n_ctx_hint=lambda files: DEFAULT_SEQUENCE_POSITIONS,
+                           n_seq=1 if pooled else parallel)
         name = Path(settings.model).name if settings.model and not settings.model.startswith("ollama:") else (
             settings.model or model.llm_path.stem)
         policy = ImagePolicy(max_bytes=int(max_image_mb * 2**20), max_images=max_images, max_pixels=max_image_pixels,
                              allow_remote=allow_remote_images, allowed_dirs=tuple(d.resolve() for d in allowed_dirs))
-        llama = model.runtime.options
-        if parallel is None:
-            parallel, why = default_sequences(llama.n_gpu_layers, llama.n_threads)
-        else:
-            why = "as asked"
         service = ChatService(model, ServiceOptions(name=name, parallel=parallel, max_queue=max_queue,
                                                     kv_streams=kv_streams, images=policy,
                                                     defaults=settings.generation_options()))
