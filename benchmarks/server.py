@@ -40,7 +40,7 @@ import uvicorn  # noqa: E402
 from runners import converted_llava15, png_bytes  # noqa: E402
 
 from llava_gguf.llm.llama import LlamaOptions  # noqa: E402
-from llava_gguf.llm.scheduler import default_sequences  # noqa: E402
+from llava_gguf.llm.sizing import default_sequences  # noqa: E402
 from llava_gguf.machine_load import BUSY_CORES, LoadMeter  # noqa: E402
 from llava_gguf.model import LlavaModel, RuntimeOptions  # noqa: E402
 from llava_gguf.server.app import create_app  # noqa: E402

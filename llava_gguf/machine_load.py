@@ -142,6 +142,21 @@ class LoadMeter:
         return MachineLoad(wall, None, LoadSource.UNKNOWN)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now: MemAvailable on Linux, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 # -- timing on a shared machine ---------------------------------------------------------------
 
 Timing = tuple[float, ...]  # seconds of one run's parts (e.g. prefill, decode)

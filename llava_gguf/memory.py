@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 import gguf
 
 from llava_gguf.llm.llama import KVCacheType
+from llava_gguf.machine_load import available_memory
 from llava_gguf.metadata import GGUFFields, LlavaKeys, TowerKind, VisionSettings, read_gguf
 from llava_gguf.packing import count_image_tokens
 from llava_gguf.vision.numpy_encoder import DEFAULT_CACHE_BYTES
@@ -35,21 +35,6 @@ class MemoryEstimate:
     @property
     def fits(self) -> bool | None:
         return None if self.available is None else self.total <= self.available
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now: MemAvailable on Linux, else free physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def context_needed(mmproj: Path, image_sizes_hw: Sequence[tuple[int, int]], max_tokens: int,

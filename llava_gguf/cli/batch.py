@@ -94,7 +94,7 @@ def batch(state: CLIState, images: tuple[str, ...], prompt_texts: tuple[str, ...
                                                            address=None if ray_address == "local" else ray_address))
         else:
             from llava_gguf.batch import run_batch
-            from llava_gguf.llm.scheduler import DEFAULT_SEQUENCE_POSITIONS
+            from llava_gguf.llm.sizing import DEFAULT_SEQUENCE_POSITIONS
 
             # --parallel: the scheduler's sequences, up to 4096 positions each (scheduler.default_pool_size)
             model = load_model(settings, quiet=quiet, n_seq=parallel,

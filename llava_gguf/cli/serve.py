@@ -60,7 +60,7 @@ def serve(state: CLIState, host: str, port: int, api_key: str | None, no_auth: b
     """
     import uvicorn
 
-    from llava_gguf.llm.scheduler import DEFAULT_SEQUENCE_POSITIONS, default_sequences
+    from llava_gguf.llm.sizing import DEFAULT_SEQUENCE_POSITIONS, default_sequences
     from llava_gguf.server.app import AppOptions, create_app
     from llava_gguf.server.images import ImagePolicy
     from llava_gguf.server.service import ChatService, ServiceOptions

@@ -26,14 +26,12 @@ answers equal their lone answers but where two tokens nearly tie (measured in th
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import llama_cpp
 import numpy as np
 
 from llava_gguf.errors import ContextOverflowError, LlavaGGUFError
@@ -42,6 +40,7 @@ from llava_gguf.llm.prompt_cache import PromptCache
 from llava_gguf.llm.sampling import GenerationOptions, Sampler
 from llava_gguf.llm.sequence import ImageSlot, Item, common_prefix, sequence_length
 from llava_gguf.llm.shared_context import SharedContext, TokenEntry
+from llava_gguf.llm.sizing import default_pool_size
 from llava_gguf.llm.text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,6 @@ log = logging.getLogger(__name__)
 FeatureSource = Callable[[list[ImageSlot]], dict[str, np.ndarray]]
 
 DEFAULT_PREFILL_CHUNK = 128  # prompt positions per step while other sequences answer
-DEFAULT_SEQUENCE_POSITIONS = 4096  # each sequence's share of the default pool
-KV_MEMORY_SHARE = 4  # the default pool's KV cache takes at most 1/4 of the memory available
 
 
 @dataclass
@@ -573,56 +570,3 @@ class Scheduler:
             stats.prompt_tokens += outcome.n_prompt_tokens
         stats.active = len(self._running)
         running.ticket._finish(error)
-
-
-def kv_bytes_per_position(runtime: LlamaRuntime) -> int:
-    """Bytes one position takes in the KV cache (K and V of every layer) at the runtime's cache type."""
-    model = runtime.model.model
-    n_layer = llama_cpp.llama_model_n_layer(model)
-    n_head, n_head_kv = llama_cpp.llama_model_n_head(model), llama_cpp.llama_model_n_head_kv(model)
-    width = runtime.n_embd // max(1, n_head) * n_head_kv
-    per_value = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}[runtime.options.kv_cache_type.value]
-    return int(2 * n_layer * width * per_value)
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def default_pool_size(runtime: LlamaRuntime, n_seq: int, unified: bool) -> int:
-    """Positions for ``n_seq`` sequences. With ``-c`` given, each sequence gets that many. Otherwise each may use
-    up to 4096 (the model's trained context if smaller): on a CPU the context holds ``n_seq`` of them, within a
-    quarter of the memory available (never less than one sequence's worth, or 2048 per stream); with GPU
-    offload (whose free memory is not known here) a unified pool holds one sequence's worth, which the
-    sequences share as llama-server's unified cache does, and ``-c`` asks for more."""
-    if runtime.options.n_ctx is not None:
-        return n_seq * runtime.options.n_ctx
-    per_sequence = min(runtime.n_ctx_train, DEFAULT_SEQUENCE_POSITIONS)
-    if unified and runtime.options.n_gpu_layers != 0:
-        return per_sequence
-    size = n_seq * per_sequence
-    memory = available_memory()
-    if memory:
-        size = min(size, memory // KV_MEMORY_SHARE // max(1, kv_bytes_per_position(runtime)))
-    floor = per_sequence if unified else n_seq * min(per_sequence, 2048)
-    return max(floor, size)
-
-
-def default_sequences(n_gpu_layers: int, cpu_count: int | None = None) -> tuple[int, str]:
-    """How many sequences to answer together when not asked, and why (said at the server's start)."""
-    if n_gpu_layers != 0:
-        return 8, "GPU offload: a GPU decodes 8 answers together for little more than one"
-    cores = cpu_count or os.cpu_count() or 1
-    if cores < 2:
-        return 1, "one core"
-    return 4, f"a CPU ({cores} cores): each step reads the weights once for all its answers"

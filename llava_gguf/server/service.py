@@ -28,7 +28,7 @@ class ServiceOptions:
     name: str  # the model id clients name
     parallel: int = 1  # answers generated together (sequences of one llama.cpp context)
     max_queue: int = 4  # requests waiting beyond the ``parallel`` answering; more get 429
-    pool_positions: int | None = None  # positions of the sequences (None: ``scheduler.default_pool_size``)
+    pool_positions: int | None = None  # positions of the sequences (None: ``llm.sizing.default_pool_size``)
     kv_streams: bool = False  # a KV stream per sequence instead of one pool (``llm/shared_context.py``)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     # what a request leaves out (temperature 0.2 as `ask` and LLaVA's own CLI, 512 tokens)
