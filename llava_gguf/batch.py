@@ -86,23 +86,42 @@ def model_identity(model: LlavaModel) -> dict[str, str]:
             "vision_encoder": model.encoder_name}
 
 
+def task_row(task: Task, error: str | None = None) -> dict[str, Any]:
+    """A row's opening fields (the task it answers); with ``error``, the whole row of a task without an answer."""
+    row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+    return row if error is None else {**row, "error": error}
+
+
+def unreadable(task: Task) -> dict[str, Any] | None:
+    """The error row of a task whose file could not be read, else None."""
+    return task_row(task, f"{task.path}: cannot read the file") if task.sha256 is None else None
+
+
+def answer_row(model: LlavaModel, task: Task, *, answer: str, tokens: list[int], n_prompt_tokens: int,
+               n_image_tokens: list[int], n_restored: int, vision_encode_s: float, prefill_s: float,
+               decode_s: float, total_s: float) -> dict[str, Any]:
+    """The row of an answered task (one at a time or on the scheduler alike)."""
+    return {**task_row(task), "answer": answer, "tokens": tokens, "n_prompt_tokens": n_prompt_tokens,
+            "n_image_tokens": n_image_tokens, "n_generated": len(tokens), "n_restored": n_restored,
+            "timings": {"vision_encode_s": vision_encode_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                        "total_s": total_s},
+            "model": model_identity(model)}
+
+
 def answer_task(model: LlavaModel, task: Task, options: GenerationOptions) -> dict[str, Any]:
     """One row: the answer to ``task`` (a fresh conversation), or an ``error`` saying why there is none."""
-    row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
-    if task.sha256 is None:
-        return {**row, "error": f"{task.path}: cannot read the file"}
+    if (failed := unreadable(task)) is not None:
+        return failed
     start = time.perf_counter()
     try:
         chat = model.chat()
         answer = "".join(chat.send(task.prompt, [task.path], options))
     except LlavaGGUFError as e:
-        return {**row, "error": str(e)}
+        return task_row(task, str(e))
     t = model.timings
-    return {**row, "answer": answer, "tokens": chat.last_tokens, "n_prompt_tokens": t.n_prompt_tokens,
-            "n_image_tokens": t.n_image_tokens, "n_generated": t.n_generated, "n_restored": t.n_restored,
-            "timings": {"vision_encode_s": t.vision_encode_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
-                        "total_s": time.perf_counter() - start},
-            "model": model_identity(model)}
+    return answer_row(model, task, answer=answer, tokens=chat.last_tokens, n_prompt_tokens=t.n_prompt_tokens,
+                      n_image_tokens=t.n_image_tokens, n_restored=t.n_restored, vision_encode_s=t.vision_encode_s,
+                      prefill_s=t.prefill_s, decode_s=t.decode_s, total_s=time.perf_counter() - start)
 
 
 def unique_tasks(tasks: list[Task]) -> list[Task]:
@@ -158,9 +177,8 @@ def answer_together(model: LlavaModel, tasks: Iterable[Task], options: Generatio
                 task = next(pending, None)
                 if task is None:
                     break
-                row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
-                if task.sha256 is None:
-                    yield {**row, "error": f"{task.path}: cannot read the file"}
+                if (failed := unreadable(task)) is not None:
+                    yield failed
                     continue
                 start = time.perf_counter()
                 try:
@@ -168,7 +186,7 @@ def answer_together(model: LlavaModel, tasks: Iterable[Task], options: Generatio
                     ticket = scheduler.submit(Request(turn.items, options, model.feature_source(turn.views)),
                                               on_done=ended.put)
                 except LlavaGGUFError as e:
-                    yield {**row, "error": str(e)}
+                    yield task_row(task, str(e))
                     continue
                 in_flight[ticket] = (task, start, turn)
             if not in_flight:
@@ -181,16 +199,13 @@ def answer_together(model: LlavaModel, tasks: Iterable[Task], options: Generatio
 
 
 def scheduled_row(model: LlavaModel, task: Task, ticket: Ticket, turn: Turn, total_s: float) -> dict[str, Any]:
-    """The row of a task the scheduler answered (``answer_task``'s fields), or its ``error``."""
-    row: dict[str, Any] = {"path": task.path, "sha256": task.sha256, "prompt": task.prompt}
+    """The row of a task the scheduler answered, or its ``error``."""
     if ticket.error is not None:
-        return {**row, "error": str(ticket.error)}
+        return task_row(task, str(ticket.error))
     o = ticket.outcome
-    return {**row, "answer": o.text, "tokens": o.tokens, "n_prompt_tokens": o.n_prompt_tokens,
-            "n_image_tokens": turn.n_image_tokens, "n_generated": o.n_generated, "n_restored": o.n_restored,
-            "timings": {"vision_encode_s": o.vision_s, "prefill_s": o.prefill_s - o.vision_s,
-                        "decode_s": o.decode_s, "total_s": total_s},
-            "model": model_identity(model)}
+    return answer_row(model, task, answer=o.text, tokens=o.tokens, n_prompt_tokens=o.n_prompt_tokens,
+                      n_image_tokens=turn.n_image_tokens, n_restored=o.n_restored, vision_encode_s=o.vision_s,
+                      prefill_s=o.prefill_s - o.vision_s, decode_s=o.decode_s, total_s=total_s)
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str]:

@@ -52,6 +52,19 @@ def submit(model: LlavaModel, scheduler: Scheduler, question: str, sizes, option
     return scheduler.submit(Request(turn.items, options, model.feature_source(turn.views), **kwargs))
 
 
+def answering(model: LlavaModel, scheduler: Scheduler, question: str, sizes, options: GenerationOptions, **kwargs):
+    """``submit``, returned once the answer's first text is out (the request holds its sequence)."""
+    started = threading.Event()
+    ticket = submit(model, scheduler, question, sizes, options, on_piece=lambda piece: started.set(), **kwargs)
+    assert started.wait(timeout=120)
+    return ticket
+
+
+def image_end(items) -> int:
+    """Items up to and including the first image."""
+    return next(i + 1 for i, item in enumerate(items) if isinstance(item, ImageSlot))
+
+
 # (LLaVA version, layout, LLM): both layouts (the original's split tokenization), anyres, other LLM kinds
 KINDS = [("1.5", "llava-hf", "llama"), ("1.6", "llava-hf", "llama"), ("1.6", "original", "mistral"),
          ("1.6", "llava-hf", "qwen2"), ("1.5", "llava-hf", "phi3")]
@@ -125,8 +138,7 @@ def test_follow_up_reuses_its_sequence_while_others_run(model: LlavaModel) -> No
         held = [*turn.items, *one.tokens]
         assert outcome.n_reused == sequence_length(follow.items[: common_prefix(held, follow.items)])
         # at least the first turn's image (a template's last token may tokenize otherwise once the answer follows)
-        image_end = next(i + 1 for i, item in enumerate(turn.items) if isinstance(item, ImageSlot))
-        assert sequence_length(turn.items[:image_end]) <= outcome.n_reused < outcome.n_prompt_tokens
+        assert sequence_length(turn.items[: image_end(turn.items)]) <= outcome.n_reused < outcome.n_prompt_tokens
         other.wait(timeout=300)
     finally:
         scheduler.close()
@@ -235,18 +247,14 @@ def test_a_shared_image_is_prefilled_once(model: LlavaModel) -> None:
                 alone(model, "Describe it.", [(64, 64)], greedy(12))]
     scheduler = model.scheduler(2)
     try:
-        answering = threading.Event()
-        first = submit(model, scheduler, "What is in the picture?", [(64, 64)], greedy(300),
-                       on_piece=lambda piece: answering.set())
-        assert answering.wait(timeout=120)
+        first = answering(model, scheduler, "What is in the picture?", [(64, 64)], greedy(300))
         turn = model.chat().prepare("Describe it.", [image_of((64, 64))])
         second = scheduler.submit(Request(turn.items, greedy(12), model.feature_source(turn.views)))
         outcomes = [first.wait(timeout=300), second.wait(timeout=300)]
     finally:
         scheduler.close()
     assert [(o.text, o.tokens) for o in outcomes] == expected
-    image_end = next(i + 1 for i, item in enumerate(turn.items) if isinstance(item, ImageSlot))
-    assert outcomes[1].n_reused >= sequence_length(turn.items[:image_end])
+    assert outcomes[1].n_reused >= sequence_length(turn.items[: image_end(turn.items)])
 
 
 def test_a_queued_request_cancelled_leaves_at_once_and_odd_seeds_are_no_harm(model: LlavaModel) -> None:
@@ -254,10 +262,7 @@ def test_a_queued_request_cancelled_leaves_at_once_and_odd_seeds_are_no_harm(mod
     of -1 (llama.cpp's "random") samples at random instead of failing the others."""
     scheduler = model.scheduler(1)
     try:
-        answering = threading.Event()
-        long = submit(model, scheduler, "Describe it.", [(64, 64)], greedy(2000),
-                      on_piece=lambda piece: answering.set())
-        assert answering.wait(timeout=120)
+        long = answering(model, scheduler, "Describe it.", [(64, 64)], greedy(2000))
         second = submit(model, scheduler, "Hello there.", [], greedy(4))
         cancel = threading.Event()
         third = submit(model, scheduler, "What is in the picture?", [(40, 30)], greedy(4), cancel=cancel)

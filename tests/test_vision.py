@@ -437,6 +437,9 @@ def test_memory_estimate_counts_what_the_encoder_holds(tmp_path: Path) -> None:
                   for c in (0, 2**30))
     assert full.vision - none.vision == vision_weight_bytes(reader, size, 2**30)[1] - vision_weight_bytes(reader, size, 0)[1]
     assert none.weights == llm.stat().st_size + vision_weight_bytes(reader, size, 0)[0]
+    # a server's sequences: each of n_ctx positions (at most the trained context), their KV caches side by side
+    four = estimate_memory(llm, mmproj, n_ctx=256, kv_cache_type=KVCacheType.F16, n_seq=4)
+    assert (four.n_ctx, four.kv_cache) == (4 * none.n_ctx, 4 * none.kv_cache) and none.n_ctx == 256
 
 
 def test_tiles_together_equal_tiles_alone(tmp_path: Path) -> None:

@@ -310,10 +310,8 @@ class Scheduler:
         """The free sequence whose KV loses least to ``items`` (what it holds beyond their common prefix): one
         that holds a prefix of them (the conversation's earlier turns), else an empty one; among equals the
         longest prefix, then the least recently used."""
-        def shared(slot: _Slot) -> int:
-            return sequence_length(items[: common_prefix(slot.cached, items)])
-
-        return min(free, key=lambda s: (s.n_pos - shared(s), -shared(s), s.last_used))
+        shared = {slot.seq: sequence_length(items[: common_prefix(slot.cached, items)]) for slot in free}
+        return min(free, key=lambda s: (s.n_pos - shared[s.seq], -shared[s.seq], s.last_used))
 
     def _shared_prefix(self, slot: _Slot, items: list[Item]) -> int:
         """Items of ``items`` ``slot`` holds after taking a longer prefix from another sequence (their KV cells
